@@ -1,0 +1,19 @@
+"""cellmask: instance segmentation of dense cells and nuclei, from a crop to a whole slide.
+
+Public API::
+
+    model = cellmask.load_model()          # the shipped "nuclei" model, or a .safetensors path
+    labels = model.segment(image)          # (H, W) int32 labels, 0 = background
+    table = cellmask.measure(labels, image)
+"""
+
+from cellmask import metrics
+from cellmask.config import ModelConfig, TrainConfig
+from cellmask.measure import measure
+from cellmask.model.segmenter import Model, load_model
+from cellmask.normalize import InputError
+from cellmask.model.weights import WeightsError
+
+__all__ = ["InputError", "Model", "ModelConfig", "TrainConfig", "WeightsError", "load_model",
+           "measure", "metrics"]
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+import sys
+from cellmask.cli import main
+
+sys.exit(main())

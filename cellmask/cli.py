@@ -1,0 +1,176 @@
+"""Command line: ``cellmask train | segment | evaluate | demo`` (also ``python -m cellmask``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("cellmask")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from cellmask.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train or fine-tune a model on folders of images and masks")
+    p.add_argument("--data", default=d.data, help="folder with images/, masks/, splits/")
+    p.add_argument("--split", default=d.split, help="split list (path, or relative to --data)")
+    p.add_argument("--out", default=d.out, help="run folder (checkpoint, weights, log)")
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
+    p.add_argument("--init", help="fine-tune from these .safetensors weights")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from cellmask.config import TrainConfig
+    from cellmask.train.loop import train
+
+    cfg = TrainConfig(data=args.data, split=args.split, out=args.out, iterations=args.iterations,
+                      batch_size=args.batch_size, crop=args.crop, lr=args.lr, warmup=args.warmup,
+                      seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
+                      device=args.device, threads=args.threads)
+    path = train(cfg, resume=args.resume, init=args.init, progress=not args.quiet)
+    log.info("weights written to %s", path)
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment an image file; writes labels and measurements")
+    p.add_argument("input", help="TIFF, PNG or .npy image, (H, W) or (H, W, 3)")
+    p.add_argument("--out", help="output OME-Zarr (default: INPUT stem + .cellmask.ome.zarr)")
+    p.add_argument("--model", default="nuclei", help="shipped model name or .safetensors file")
+    p.add_argument("--scale", type=float, help="resize factor before the network")
+    p.add_argument("--diameter", type=float, help="typical object diameter in pixels")
+    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--halo", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    import time
+
+    from cellmask.io import read_image, write_ome_zarr
+    from cellmask.measure import measure
+    from cellmask.model.segmenter import load_model
+
+    src = Path(args.input)
+    out = Path(args.out) if args.out else src.with_name(src.stem + ".cellmask.ome.zarr")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"output {out} is the input: choose another --out")
+    if out.exists():
+        raise FileExistsError(f"output {out} exists: choose another --out or delete it")
+    image = read_image(src)
+    model = load_model(args.model, device=args.device)
+    t0 = time.perf_counter()
+    labels = model.segment(image, args.scale, diameter=args.diameter, tile=args.tile,
+                           halo=args.halo)
+    seconds = time.perf_counter() - t0
+    write_ome_zarr(out, image, labels)
+    table = measure(labels, image)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    log.info("%d objects in %.2f s; labels in %s/labels/cellmask, table %s", labels.max(), seconds,
+             out, out.with_suffix(".csv"))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="AP, F1, PQ of a model on an annotated split")
+    p.add_argument("--data", default="../shared/data/dsb2018")
+    p.add_argument("--split", required=True, help="split list, e.g. splits/fluo_test.txt")
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--csv", help="also write the table here")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cellmask.evaluate import evaluate_split, format_table
+    from cellmask.model.segmenter import load_model
+
+    ev = evaluate_split(load_model(args.model, device=args.device), args.data, args.split)
+    print(f"{args.split}: {ev.images} images, pooled over objects")
+    print(format_table(ev))
+    s = ev.summary()
+    print(f"AP@0.5 {s['ap@0.50']:.3f}  AP@0.75 {s['ap@0.75']:.3f}  mean AP 0.5:0.95 {s['mean_ap']:.3f}")
+    if args.csv:
+        ev.table().to_csv(args.csv, index=False)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="tune thresholds on a val split and write shippable weights")
+    p.add_argument("weights", help="weights.safetensors of a training run")
+    p.add_argument("--data", default="../shared/data/dsb2018")
+    p.add_argument("--split", default="splits/val.txt", help="validation split (never test)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from cellmask.train.export import export_model
+
+    path, best = export_model(args.weights, args.data, args.split, args.out)
+    print(f"wrote {path}: {best}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="segment the shipped sample with the shipped model")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from cellmask.demo import run_demo
+
+    r = run_demo(args.out, device=args.device)
+    print(f"cellmask demo: {r.objects} nuclei found in {r.seconds:.2f} s "
+          f"(AP@0.5 {r.ap50:.3f} against the sample's annotation)")
+    print(f"  labels:       {r.zarr}/labels/cellmask")
+    print(f"  measurements: {r.csv}")
+    print(f"  overlay:      {r.png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellmask", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        if args.debug:
+            raise
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The dense-nuclei Mask R-CNN: torchvision's ``MaskRCNN`` with lean, injected components.
+
+What differs from torchvision's COCO defaults, and why:
+
+* a small ResNet trunk (widths from :class:`ModelConfig`) feeding an FPN whose finest level has
+  stride 4: nuclei of 7 px need it;
+* anchors of 8 to 128 px instead of 32 to 512 px;
+* no resizing: images are processed at their native pixel size (``segment(scale=...)`` resizes
+  explicitly), and intensities are normalised before the network, not inside it;
+* thousands of proposals and detections per image instead of 100;
+* light, batch-normalised box and mask heads;
+* masks stay box-local: in evaluation the network returns ``(N, 1, M, M)`` mask probabilities
+  in box coordinates, never ``N`` full-size masks (see :mod:`cellmask.model.paint`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from cellmask.config import ModelConfig
+
+
+class _Trunk(nn.Module):
+    """A narrow ResNet: a stride-2 stem, then three stages of BasicBlocks at strides 4, 8, 16.
+
+    torchvision's ResNet fixes its widths at 64..512; for 2-core training the trunk must be
+    narrower, so it is composed here from torchvision's own ``BasicBlock``.
+    """
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], blocks: tuple[int, ...]):
+        super().__init__()
+        stem = widths[0]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(stem, stem, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        previous = stem
+        for width, count in zip(widths, blocks):
+            layers = [BasicBlock(previous, width, stride=2, downsample=nn.Sequential(
+                nn.Conv2d(previous, width, 1, stride=2, bias=False), nn.BatchNorm2d(width)))]
+            layers += [BasicBlock(width, width) for _ in range(count - 1)]
+            stages.append(nn.Sequential(*layers))
+            previous = width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stem(x)
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            out[str(i)] = x
+        return out
+
+
+class _Backbone(nn.Module):
+    """Trunk + FPN; returns levels '0'..'2' (strides 4, 8, 16) and 'pool' (stride 32)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.body = _Trunk(cfg.in_channels, cfg.stage_widths, cfg.stage_blocks)
+        self.fpn = FeaturePyramidNetwork(list(cfg.stage_widths), cfg.fpn_channels,
+                                         extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+        self.out_channels = cfg.fpn_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+class _NativeScaleTransform(GeneralizedRCNNTransform):
+    """Batches images (padding to a multiple of 32) without resizing or normalising them.
+
+    ``postprocess`` returns detections as they are: boxes already in input pixels, masks
+    box-local. torchvision's version would paste every mask into a full-size image.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0], image_std=[1.0],
+                         size_divisible=32)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def resize(self, image, target=None):  # noqa: D102 - identity
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):  # noqa: D102
+        return result
+
+
+#: RoIs per mask-head pass at inference: a dense 1024 tile has thousands of detections, and
+#: their 28x28 feature maps at once would cost gigabytes.
+MASK_CHUNK = 512
+
+
+def _chunked(forward, x: torch.Tensor) -> torch.Tensor:
+    if len(x) <= MASK_CHUNK:
+        return forward(x)
+    return torch.cat([forward(part) for part in x.split(MASK_CHUNK)])
+
+
+class _MaskHeads(MaskRCNNHeads):
+    """torchvision's mask head, run over RoIs in chunks at inference (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return _chunked(super().forward, x)
+
+
+class _MaskPredictor(MaskRCNNPredictor):
+    """torchvision's mask predictor, run over RoIs in chunks at inference (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return _chunked(super().forward, x)
+
+
+def build_network(cfg: ModelConfig) -> MaskRCNN:
+    """Build the Mask R-CNN variant described by ``cfg`` (randomly initialised).
+
+    In training mode it takes ``list[(C, H, W) float]`` and targets with ``boxes``
+    ``(N, 4)`` as ``[x1, y1, x2, y2]`` in pixels, ``labels`` (all 1) and ``masks`` ``(N, H, W)``,
+    and returns a dict of losses. In eval mode it returns per image ``boxes`` ``(N, 4)``,
+    ``scores`` ``(N,)`` and ``masks`` ``(N, 1, M, M)`` probabilities inside each box.
+    """
+    if len(cfg.anchor_sizes) != 4:
+        raise ValueError("anchor_sizes needs one tuple per FPN level (4 levels: strides 4-32)")
+    if len({len(s) for s in cfg.anchor_sizes}) != 1:
+        raise ValueError("every FPN level needs the same number of anchor sizes")
+    backbone = _Backbone(cfg)
+    anchors = AnchorGenerator(sizes=cfg.anchor_sizes,
+                              aspect_ratios=(cfg.anchor_ratios,) * len(cfg.anchor_sizes))
+    rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
+    levels = ["0", "1", "2", "pool"]
+    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=1)
+    mask_pool = MultiScaleRoIAlign(levels, output_size=cfg.mask_roi_size, sampling_ratio=1)
+    box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_width)
+    mask_head = _MaskHeads(cfg.fpn_channels, list(cfg.mask_head_layers), dilation=1,
+                              norm_layer=nn.BatchNorm2d)
+    net = MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_per_image,
+        rpn_positive_fraction=cfg.rpn_positive_fraction,
+        box_roi_pool=box_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.box_head_width, 2),
+        box_score_thresh=cfg.score_thresh,
+        box_nms_thresh=cfg.nms_thresh,
+        box_detections_per_img=cfg.detections_per_image,
+        box_batch_size_per_image=cfg.box_batch_per_image,
+        box_positive_fraction=cfg.box_positive_fraction,
+        mask_roi_pool=mask_pool,
+        mask_head=mask_head,
+        mask_predictor=_MaskPredictor(cfg.mask_head_layers[-1], cfg.mask_head_layers[-1], 2),
+    )
+    net.transform = _NativeScaleTransform()
+    return net
+
+
+def set_inference_thresholds(net: MaskRCNN, cfg: ModelConfig) -> None:
+    """Apply the inference numbers of ``cfg`` to an existing network (no weights change)."""
+    net.roi_heads.score_thresh = cfg.score_thresh
+    net.roi_heads.nms_thresh = cfg.nms_thresh
+    net.roi_heads.detections_per_img = cfg.detections_per_image
+    net.rpn._pre_nms_top_n["testing"] = cfg.rpn_pre_nms_test
+    net.rpn._post_nms_top_n["testing"] = cfg.rpn_post_nms_test

@@ -1,0 +1,77 @@
+"""Input checking and intensity normalisation shared by training and inference.
+
+Frames: an image arrives as ``(H, W)`` (grey) or ``(H, W, C)`` with ``C`` in {1, 3} (channels
+last, as numpy, tifffile and napari give them) and leaves as a float32 ``(3, H, W)`` array,
+channels first, each channel mapped so that its low percentile goes to 0 and its high
+percentile to 1. Grey images are replicated to three channels, so one network serves
+fluorescence, brightfield and H&E.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: The conversions ``as_channels_first`` performs, for the documentation of ``segment``.
+SUPPORTED = ("(H, W) grey or (H, W, 1), (H, W, 3) RGB; any integer, float or bool dtype "
+             "(bool becomes 0/1)")
+
+
+class InputError(ValueError):
+    """An image that cellmask cannot segment, with a message saying what to do."""
+
+
+def as_channels_first(image: np.ndarray) -> np.ndarray:
+    """Check ``image`` and return it as float32 ``(C, H, W)`` with C in {1, 3}, unnormalised."""
+    arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"image dtype {arr.dtype} is not numeric: pass an integer or float array")
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 3):
+        arr = np.moveaxis(arr, -1, 0)
+    elif arr.ndim == 3 and arr.shape[-1] == 4:
+        raise InputError(f"image of shape {arr.shape} has 4 channels: if it is RGBA, pass "
+                         "image[..., :3]; otherwise pass the nuclear channel alone")
+    else:
+        raise InputError(f"image of shape {arr.shape} is not (H, W) or (H, W, 3): select one "
+                         "plane and the nuclear channel first, e.g. image[z, c]")
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise InputError(f"image of shape {np.asarray(image).shape} is empty")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InputError(f"image has {bad} NaN or infinite pixels: replace them (e.g. "
+                         "np.nan_to_num(image)) before segmenting")
+    return arr
+
+
+def percentile_range(chw: np.ndarray, percentiles: tuple[float, float],
+                     max_samples: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) intensity percentiles of a ``(C, H, W)`` array.
+
+    Large images are subsampled on a regular grid (at most ``max_samples`` pixels per channel),
+    so the statistics are those of the whole image, never of a tile.
+    """
+    c, h, w = chw.shape
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    sample = chw[:, ::step, ::step].reshape(c, -1)
+    lo, hi = np.percentile(sample, percentiles, axis=1).astype(np.float32)
+    return lo, hi
+
+
+def apply_range(chw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Map each channel of ``(C, H, W)`` so ``lo`` -> 0 and ``hi`` -> 1; returns 3 channels."""
+    span = np.maximum(hi - lo, 1e-6).astype(np.float32)
+    out = (chw - lo[:, None, None]) / span[:, None, None]
+    if out.shape[0] == 1:
+        out = np.repeat(out, 3, axis=0)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def normalize(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8)) -> np.ndarray:
+    """Check and normalise one image: any accepted input -> float32 ``(3, H, W)``."""
+    chw = as_channels_first(image)
+    lo, hi = percentile_range(chw, percentiles)
+    return apply_range(chw, lo, hi)

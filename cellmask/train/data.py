@@ -1,0 +1,137 @@
+"""Training data: folders of image and instance-mask TIFFs, random crops, MONAI augmentation.
+
+Layout (that of the DSB2018 folder shipped with the project's data)::
+
+    DATA/images/<id>.tif    (H, W) or (H, W, 3) image, any dtype
+    DATA/masks/<id>.tif     (H, W) instance labels, 0 = background
+    DATA/splits/<name>.txt  one <id> per line
+
+Every random choice of a batch is drawn from a generator seeded by ``(seed, step)``, so a run is
+deterministic and a resumed run draws exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from scipy import ndimage
+
+from cellmask.normalize import normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One annotated image: ``image`` float32 ``(3, H, W)`` normalised, ``labels`` int32 ``(H, W)``."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
+    """Image ids listed in ``split`` (a path, or a path relative to ``data_dir``)."""
+    path = Path(split)
+    if not path.is_file():
+        path = Path(data_dir) / split
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {split} not found (looked in {data_dir} too)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_samples(data_dir: str | Path, split: str | Path,
+                 percentiles: tuple[float, float] = (1.0, 99.8)) -> list[Sample]:
+    """Read and normalise every image of a split into memory."""
+    data_dir = Path(data_dir)
+    samples = []
+    for name in read_split(data_dir, split):
+        image = tifffile.imread(data_dir / "images" / f"{name}.tif")
+        labels = tifffile.imread(data_dir / "masks" / f"{name}.tif").astype(np.int32)
+        if image.shape[:2] != labels.shape:
+            raise ValueError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
+        samples.append(Sample(name, normalize(image, percentiles), labels))
+    log.info("loaded %d images from %s", len(samples), split)
+    return samples
+
+
+def targets_from_labels(labels: np.ndarray, min_area: int = 4) -> dict[str, torch.Tensor]:
+    """Mask R-CNN targets from an instance label image ``(H, W)``.
+
+    Returns ``boxes`` ``(N, 4)`` float32 ``[x1, y1, x2, y2]`` (x2, y2 exclusive pixel edges),
+    ``labels`` ``(N,)`` int64 (all 1) and ``masks`` ``(N, H, W)`` uint8. Objects of fewer than
+    ``min_area`` pixels (slivers left by a crop) are dropped.
+    """
+    h, w = labels.shape
+    boxes, masks = [], []
+    for index, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None:
+            continue
+        local = labels[sl] == index + 1
+        if local.sum() < min_area:
+            continue
+        full = np.zeros((h, w), dtype=np.uint8)
+        full[sl][local] = 1
+        masks.append(full)
+        boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+    n = len(boxes)
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+        "labels": torch.ones(n, dtype=torch.int64),
+        "masks": torch.from_numpy(np.stack(masks)) if n else torch.zeros((0, h, w), dtype=torch.uint8),
+    }
+
+
+def build_augment(crop: int, zoom: tuple[float, float]):
+    """MONAI dictionary transforms on ``{"image": (3, H, W), "label": (1, H, W)}``."""
+    from monai.data import set_track_meta
+    from monai.transforms import (Compose, RandAdjustContrastd, RandFlipd,
+                                  RandGaussianNoised, RandRotate90d, RandScaleIntensityd,
+                                  RandShiftIntensityd, RandSpatialCropd, RandZoomd, SpatialPadd)
+
+    set_track_meta(False)  # plain tensors: faster, and nothing downstream reads the metadata
+    keys = ("image", "label")
+    return Compose([
+        SpatialPadd(keys, spatial_size=(crop, crop), mode="constant"),
+        RandSpatialCropd(keys, roi_size=(crop, crop), random_size=False),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys, prob=0.5, max_k=3),
+        RandZoomd(keys, prob=0.5, min_zoom=zoom[0], max_zoom=zoom[1],
+                  mode=("bilinear", "nearest"), padding_mode="constant", keep_size=True),
+        RandScaleIntensityd("image", factors=0.3, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised("image", std=0.03, prob=0.2),
+    ])
+
+
+class CropSampler:
+    """Draws augmented training batches from in-memory samples."""
+
+    def __init__(self, samples: list[Sample], crop: int, zoom: tuple[float, float], seed: int):
+        if not samples:
+            raise ValueError("no training images: check the split list")
+        self.samples = samples
+        self.crop = crop
+        self.seed = seed
+        self.augment = build_augment(crop, zoom)
+
+    def batch(self, step: int, size: int) -> tuple[list[torch.Tensor], list[dict]]:
+        """The batch of iteration ``step``: ``size`` images ``(3, crop, crop)`` and targets."""
+        rng = np.random.default_rng([self.seed, step])
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        images, targets = [], []
+        for index in rng.integers(len(self.samples), size=size):
+            sample = self.samples[index]
+            out = self.augment({"image": sample.image, "label": sample.labels[None]})
+            image = torch.as_tensor(out["image"], dtype=torch.float32).contiguous()
+            labels = np.asarray(out["label"])[0].astype(np.int32)
+            images.append(image)
+            targets.append(targets_from_labels(labels))
+        return images, targets

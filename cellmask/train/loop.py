@@ -1,0 +1,158 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, checkpoints.
+
+A run writes into ``OUT``:
+
+* ``checkpoint.safetensors``: weights, optimiser moments and the step, every few minutes and at
+  the end (atomically); ``--resume`` continues from it and draws the very batches an
+  uninterrupted run would have drawn;
+* ``weights.safetensors``: the weights alone, loadable by :func:`cellmask.load_model`;
+* ``log.csv``: step, seconds, learning rate and each loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cellmask.config import ModelConfig, TrainConfig
+from cellmask.device import pick_device
+from cellmask.model.network import build_network
+from cellmask.model.weights import check_state, load_weights, save_weights
+from cellmask.train.data import CropSampler, load_samples
+
+log = logging.getLogger(__name__)
+
+_OPT_PREFIX = "optimizer."
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 2% at ``cfg.iterations``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup))
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{_OPT_PREFIX}{index}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name[len(_OPT_PREFIX):].split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
+          init: str | None = None, progress: bool = True) -> Path:
+    """Train (or fine-tune from ``init``) and return the path of the final weights file."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    checkpoint = out / "checkpoint.safetensors"
+    start = 0
+    optimizer_state: dict[str, torch.Tensor] = {}
+    if resume and checkpoint.is_file():
+        state, model_cfg, meta = load_weights(checkpoint)
+        start = int(meta["step"])
+        optimizer_state = {k: v for k, v in state.items() if k.startswith(_OPT_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(_OPT_PREFIX)}
+        log.info("resuming from %s at step %d", checkpoint, start)
+    elif init:
+        state, init_cfg, _ = load_weights(init)
+        model_cfg = model_cfg or init_cfg
+        log.info("fine-tuning from %s", init)
+    else:
+        state = None
+    model_cfg = model_cfg or ModelConfig()
+
+    net = build_network(model_cfg)
+    if state is not None:
+        check_state(net.state_dict(), state, str(checkpoint if start else init))
+        net.load_state_dict(state)
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state:
+        _restore_optimizer(opt, optimizer_state)
+
+    samples = load_samples(cfg.data, cfg.split, model_cfg.norm_percentiles)
+    sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed)
+    meta = {"train_config": str(asdict(cfg)), "device": str(device)}
+
+    def save(step: int) -> None:
+        net_state = net.state_dict()
+        save_weights(checkpoint, {**net_state, **_optimizer_tensors(opt)}, model_cfg,
+                     {**meta, "step": str(step)})
+        save_weights(out / "weights.safetensors", net_state, model_cfg, {**meta, "step": str(step)})
+
+    log_path = out / "log.csv"
+    new_log = not (resume and log_path.is_file())
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    writer = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, initial=start, unit="it", dynamic_ncols=True)
+    last_save = time.monotonic()
+    t0 = time.monotonic()
+    done = start  # steps whose update has been applied
+    try:
+        for step in range(start, cfg.iterations):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # RoI sampling: same draw on resume
+            images, targets = sampler.batch(step, cfg.batch_size)
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            lr = learning_rate(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            losses = net(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower --lr "
+                                         "or lengthen --warmup, then --resume")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+            opt.step()
+            done = step + 1
+            row = {"step": step + 1, "seconds": round(time.monotonic() - t0, 2), "lr": lr,
+                   "loss": round(loss.item(), 4),
+                   **{k: round(v.item(), 4) for k, v in losses.items()}}
+            if writer is None:
+                writer = csv.DictWriter(log_file, fieldnames=list(row))
+                if new_log:
+                    writer.writeheader()
+            writer.writerow(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                log_file.flush()
+                save(step + 1)
+                last_save = time.monotonic()
+        save(cfg.iterations)
+    except KeyboardInterrupt:
+        save(done)
+        log.warning("interrupted: checkpoint saved at step %d; continue with --resume", done)
+        raise
+    finally:
+        log_file.close()
+        if bar is not None:
+            bar.close()
+    return out / "weights.safetensors"

@@ -1,0 +1,70 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from cellmask.io import read_ome_zarr_labels
+from cellmask.samples import load_sample
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cellmask", "--quiet", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_demo_writes_labels_table_and_overlay(tmp_path, shipped_model):
+    r = run("demo", "--out", str(tmp_path / "demo"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "nuclei found" in r.stdout
+    labels = read_ome_zarr_labels(tmp_path / "demo" / "sample.ome.zarr")
+    image, _ = load_sample()
+    assert np.array_equal(labels, shipped_model.segment(image))
+    table = pd.read_csv(tmp_path / "demo" / "measurements.csv")
+    assert len(table) == labels.max() and "intensity_mean" in table.columns
+    assert (tmp_path / "demo" / "overlay.png").stat().st_size > 10_000
+    again = run("demo", "--out", str(tmp_path / "demo"), "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+
+
+def test_segment_command(tmp_path):
+    image, _ = load_sample()
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    before = src.read_bytes()
+    r = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"))
+    assert r.returncode == 0, r.stderr
+    labels = read_ome_zarr_labels(tmp_path / "out.ome.zarr")
+    assert labels.shape == image.shape and labels.max() > 50
+    assert len(pd.read_csv(tmp_path / "out.ome.csv")) == labels.max()
+    assert src.read_bytes() == before  # input untouched
+    again = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"))
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"),
+                                             (b"this is text", "cannot read")])
+def test_bad_input_files(tmp_path, content, message):
+    path = tmp_path / "image.tif"
+    if content is not None:
+        path.write_bytes(content)
+    r = run("segment", str(path))
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_prints_the_table(dataset_dir):
+    r = run("evaluate", "--data", str(dataset_dir), "--split", "splits/train.txt",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "AP@0.5" in r.stdout and "0.950" in r.stdout  # the last threshold row
+
+
+def test_export_refuses_a_test_split(tmp_path, dataset_dir):
+    (dataset_dir / "splits" / "test.txt").write_text("x\n")
+    r = run("export", "nuclei", "--data", str(dataset_dir), "--split", "splits/test.txt",
+            "--out", str(tmp_path / "w.safetensors"))
+    assert r.returncode == 2 and "test split" in r.stderr

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from cellmask.config import TrainConfig
+from cellmask.model.weights import load_weights
+from cellmask.train.data import CropSampler, load_samples
+from cellmask.train.loop import learning_rate, train
+
+
+def test_batches_are_deterministic_per_step(dataset_dir):
+    samples = load_samples(dataset_dir, "splits/train.txt")
+    assert samples[0].image.shape[0] == 3 and samples[0].image.dtype == np.float32
+    a = CropSampler(samples, 64, (0.8, 1.25), seed=1)
+    b = CropSampler(samples, 64, (0.8, 1.25), seed=1)
+    (ia, ta), (ib, tb) = a.batch(5, 2), b.batch(5, 2)
+    assert all(torch.equal(x, y) for x, y in zip(ia, ib))
+    assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tb))
+    assert ia[0].shape == (3, 64, 64)
+    other = a.batch(6, 2)[0]
+    assert not all(torch.equal(x, y) for x, y in zip(ia, other))
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1e-3, warmup=10, iterations=110)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 110) == pytest.approx(2e-5)
+    assert learning_rate(cfg, 60) < learning_rate(cfg, 20)
+
+
+def test_resume_equals_uninterrupted_run(dataset_dir, tiny_config, tmp_path):
+    common = dict(data=str(dataset_dir), split="splits/train.txt", batch_size=2, crop=64,
+                  warmup=10, seed=3, threads=1, device="cpu")
+    full = train(TrainConfig(out=str(tmp_path / "full"), iterations=4, **common), tiny_config,
+                 progress=False)
+    train(TrainConfig(out=str(tmp_path / "part"), iterations=2, **common), tiny_config,
+          progress=False)
+    _, _, meta = load_weights(tmp_path / "part" / "checkpoint.safetensors")
+    assert meta["step"] == "2"
+    resumed = train(TrainConfig(out=str(tmp_path / "part"), iterations=4, **common),
+                    resume=True, progress=False)
+    a, _, _ = load_weights(full)
+    b, _, meta = load_weights(resumed)
+    assert meta["step"] == "4"
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    log = (tmp_path / "part" / "log.csv").read_text().splitlines()
+    assert len(log) == 5  # header + 4 steps, none repeated
+
+
+def test_fine_tune_from_init(dataset_dir, tiny_config, tmp_path):
+    common = dict(data=str(dataset_dir), split="splits/train.txt", batch_size=1, crop=64,
+                  warmup=2, threads=1, device="cpu")
+    first = train(TrainConfig(out=str(tmp_path / "a"), iterations=1, **common), tiny_config,
+                  progress=False)
+    second = train(TrainConfig(out=str(tmp_path / "b"), iterations=1, **common), init=str(first),
+                   progress=False)
+    _, cfg, _ = load_weights(second)
+    assert cfg == tiny_config
+
+
+def test_missing_split_is_a_clear_error(dataset_dir):
+    with pytest.raises(FileNotFoundError, match="split list"):
+        load_samples(dataset_dir, "splits/nope.txt")
