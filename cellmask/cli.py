@@ -25,8 +25,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="stop with a checkpoint after this many minutes (0: no limit)")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's)")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
     p.add_argument("--init", help="fine-tune from these .safetensors weights")
     p.set_defaults(func=_run_train)
@@ -39,7 +42,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, split=args.split, out=args.out, iterations=args.iterations,
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, warmup=args.warmup,
                       seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
-                      device=args.device, threads=args.threads)
+                      max_minutes=args.max_minutes, device=args.device, threads=args.threads,
+                      workers=args.workers)
     path = train(cfg, resume=args.resume, init=args.init, progress=not args.quiet)
     log.info("weights written to %s", path)
     return 0

@@ -111,6 +111,12 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     #: Scale jitter range of the zoom augmentation.
     zoom: tuple[float, float] = (0.75, 1.33)
+    #: Stop (with a checkpoint) after this many minutes even if ``iterations`` are not done;
+    #: 0 = no limit. The schedule still assumes ``iterations``, so ``--resume`` continues it.
+    max_minutes: float = 0.0
     device: str = "auto"
     threads: int = 0
+    #: Data-loading worker processes (0: load in the training process, best on 2 CPU cores;
+    #: a GPU wants several so that augmentation keeps up).
+    workers: int = 0
     extra: dict = field(default_factory=dict, compare=False)

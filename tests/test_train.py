@@ -63,3 +63,24 @@ def test_fine_tune_from_init(dataset_dir, tiny_config, tmp_path):
 def test_missing_split_is_a_clear_error(dataset_dir):
     with pytest.raises(FileNotFoundError, match="split list"):
         load_samples(dataset_dir, "splits/nope.txt")
+
+
+def test_worker_processes_give_the_same_batches(dataset_dir):
+    from cellmask.train.data import batches
+
+    sampler = CropSampler(load_samples(dataset_dir, "splits/train.txt"), 64, (0.8, 1.25), seed=2)
+    inline = list(batches(sampler, 3, 6, 2, workers=0))
+    pooled = list(batches(sampler, 3, 6, 2, workers=2))
+    assert len(inline) == len(pooled) == 3
+    for (ia, ta), (ib, tb) in zip(inline, pooled):
+        assert all(torch.equal(x, y) for x, y in zip(ia, ib))
+        assert all(torch.equal(x["masks"], y["masks"]) for x, y in zip(ta, tb))
+
+
+def test_time_budget_stops_with_a_checkpoint(dataset_dir, tiny_config, tmp_path):
+    cfg = TrainConfig(data=str(dataset_dir), split="splits/train.txt", out=str(tmp_path / "t"),
+                      iterations=10_000, batch_size=1, crop=64, threads=1, device="cpu",
+                      max_minutes=0.001)
+    path = train(cfg, tiny_config, progress=False)
+    _, _, meta = load_weights(tmp_path / "t" / "checkpoint.safetensors")
+    assert 1 <= int(meta["step"]) < 10_000 and path.is_file()

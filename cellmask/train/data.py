@@ -135,3 +135,30 @@ class CropSampler:
             images.append(image)
             targets.append(targets_from_labels(labels))
         return images, targets
+
+
+def _as_is(batch):
+    return batch
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Batch ``i`` is the batch of step ``start + i``: workers keep the run deterministic."""
+
+    def __init__(self, sampler: CropSampler, start: int, end: int, size: int):
+        self.sampler, self.start, self.end, self.size = sampler, start, end, size
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __getitem__(self, i: int):
+        return self.sampler.batch(self.start + i, self.size)
+
+
+def batches(sampler: CropSampler, start: int, end: int, size: int, workers: int = 0):
+    """Iterate the batches of steps ``start..end-1``, in order, on ``workers`` processes."""
+    if workers <= 0:
+        return (sampler.batch(step, size) for step in range(start, end))
+    return iter(torch.utils.data.DataLoader(_Steps(sampler, start, end, size), batch_size=None,
+                                            shuffle=False, num_workers=workers,
+                                            collate_fn=_as_is, persistent_workers=False,
+                                            prefetch_factor=4))

@@ -24,7 +24,7 @@ from cellmask.config import ModelConfig, TrainConfig
 from cellmask.device import pick_device
 from cellmask.model.network import build_network
 from cellmask.model.weights import check_state, load_weights, save_weights
-from cellmask.train.data import CropSampler, load_samples
+from cellmask.train.data import CropSampler, batches, load_samples
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
 
     checkpoint = out / "checkpoint.safetensors"
@@ -113,9 +117,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
     t0 = time.monotonic()
     done = start  # steps whose update has been applied
     try:
-        for step in range(start, cfg.iterations):
+        stream = batches(sampler, start, cfg.iterations, cfg.batch_size, cfg.workers)
+        for step, (images, targets) in zip(range(start, cfg.iterations), stream):
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # RoI sampling: same draw on resume
-            images, targets = sampler.batch(step, cfg.batch_size)
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             lr = learning_rate(cfg, step)
@@ -142,11 +146,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            if cfg.max_minutes and time.monotonic() - t0 > cfg.max_minutes * 60:
+                log.info("time budget of %.1f min spent at step %d", cfg.max_minutes, done)
+                break
             if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
                 log_file.flush()
                 save(step + 1)
                 last_save = time.monotonic()
-        save(cfg.iterations)
+        save(done)
     except KeyboardInterrupt:
         save(done)
         log.warning("interrupted: checkpoint saved at step %d; continue with --resume", done)

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 GRID = {
     "score_thresh": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    "nms_thresh": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "nms_thresh": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
     "mask_thresh": (0.3, 0.4, 0.5, 0.6),
-    "min_visible_fraction": (0.2, 0.35, 0.5, 0.65, 0.8),
+    "min_visible_fraction": (0.2, 0.35, 0.5, 0.65, 0.8, 0.9),
 }
 
 
