@@ -50,42 +50,40 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment an image file; writes labels and measurements")
-    p.add_argument("input", help="TIFF, PNG or .npy image, (H, W) or (H, W, 3)")
-    p.add_argument("--out", help="output OME-Zarr (default: INPUT stem + .cellmask.ome.zarr)")
+    p = sub.add_parser("segment", help="segment an image (OME-Zarr, Zarr, TIFF/SVS, PNG, .npy)")
+    p.add_argument("input")
+    p.add_argument("--out", help="output OME-Zarr (default: labels/cellmask inside an input "
+                   "OME-Zarr, else INPUT stem + .cellmask.ome.zarr)")
     p.add_argument("--model", default="nuclei", help="shipped model name or .safetensors file")
     p.add_argument("--scale", type=float, help="resize factor before the network")
-    p.add_argument("--diameter", type=float, help="typical object diameter in pixels")
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--scheduler", help="address of a dask.distributed scheduler")
+    p.add_argument("--axes", help="axes of the input, e.g. CYX (default: from metadata)")
+    p.add_argument("--channel", type=int, help="channel to segment")
+    p.add_argument("--z", type=int, help="z plane")
+    p.add_argument("--t", type=int, help="time point")
+    p.add_argument("--name", default="cellmask", help="name of the labels image")
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    import time
+    from cellmask.pipeline import segment_zarr
 
-    from cellmask.io import read_image, write_ome_zarr
-    from cellmask.measure import measure
-    from cellmask.model.segmenter import load_model
+    client = None
+    if args.scheduler:
+        from dask.distributed import Client
 
-    src = Path(args.input)
-    out = Path(args.out) if args.out else src.with_name(src.stem + ".cellmask.ome.zarr")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"output {out} is the input: choose another --out")
-    if out.exists():
-        raise FileExistsError(f"output {out} exists: choose another --out or delete it")
-    image = read_image(src)
-    model = load_model(args.model, device=args.device)
-    t0 = time.perf_counter()
-    labels = model.segment(image, args.scale, diameter=args.diameter, tile=args.tile,
-                           halo=args.halo)
-    seconds = time.perf_counter() - t0
-    write_ome_zarr(out, image, labels)
-    table = measure(labels, image)
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    log.info("%d objects in %.2f s; labels in %s/labels/cellmask, table %s", labels.max(), seconds,
-             out, out.with_suffix(".csv"))
+        client = Client(args.scheduler)
+    result = segment_zarr(args.input, args.out, model=args.model, tile=args.tile,
+                          halo=args.halo, device=args.device, batch_size=args.batch_size,
+                          client=client, progress=not args.quiet, axes=args.axes,
+                          channel=args.channel, z=args.z, t=args.t, scale=args.scale,
+                          name=args.name)
+    log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
+             result.timings["total"], result.path, result.path / "measurements.csv")
     return 0
 
 
@@ -169,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         if args.debug:
             raise
         log.error("%s", err)
         return 2
+    except Exception as err:  # an unexpected failure: still one line, the traceback on request
+        if args.debug:
+            raise
+        log.error("%s: %s (rerun with --debug for the traceback)", type(err).__name__, err)
+        return 1
 
 
 if __name__ == "__main__":

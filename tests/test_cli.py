@@ -34,14 +34,19 @@ def test_segment_command(tmp_path):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, image)
     before = src.read_bytes()
-    r = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"))
+    r = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"), "--tile", "256")
     assert r.returncode == 0, r.stderr
     labels = read_ome_zarr_labels(tmp_path / "out.ome.zarr")
     assert labels.shape == image.shape and labels.max() > 50
-    assert len(pd.read_csv(tmp_path / "out.ome.csv")) == labels.max()
+    table = pd.read_csv(tmp_path / "out.ome.zarr" / "labels" / "cellmask" / "measurements.csv")
+    assert len(table) == labels.max()
     assert src.read_bytes() == before  # input untouched
-    again = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"))
-    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    again = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"), "--tile", "256")
+    assert again.returncode == 0, again.stderr  # the same command again: resumes, nothing to do
+    assert np.array_equal(read_ome_zarr_labels(tmp_path / "out.ome.zarr"), labels)
+    other = run("segment", str(src), "--out", str(tmp_path / "out.ome.zarr"))
+    assert other.returncode == 2 and "different run" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 @pytest.mark.parametrize("content,message", [(None, "does not exist"),

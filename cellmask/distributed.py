@@ -1,0 +1,73 @@
+"""Running tiles as tasks on a dask.distributed cluster.
+
+Each task detects one tile and writes its record into the run folder (which must be on a file
+system every worker sees); the model is loaded once per worker process and cached there, keyed
+by a digest of its weights. The stitching afterwards is the same as in a local run, so the labels
+are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+_MODELS: dict[str, object] = {}
+
+
+def _model_bytes(model) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()},
+                metadata={"config": model.config.to_json()})
+
+
+def _worker_model(blob: bytes, digest: str, meta: dict):
+    """The model of ``blob`` (safetensors bytes), built once per worker process."""
+    if digest not in _MODELS:
+        import json
+
+        import torch
+        from safetensors.torch import load
+
+        from cellmask.config import ModelConfig
+        from cellmask.model.network import build_network
+        from cellmask.model.segmenter import Model
+
+        header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+        net = build_network(ModelConfig.from_json(header["__metadata__"]["config"]))
+        net.load_state_dict(load(blob))
+        torch.set_num_threads(1)  # one thread per worker process: the cluster parallelises
+        _MODELS[digest] = Model(net, ModelConfig.from_json(header["__metadata__"]["config"]),
+                                meta=meta, device="cpu")
+    return _MODELS[digest]
+
+
+def _task(blob, digest, meta, source, tile, lo, hi, scale, record: str) -> int:
+    from cellmask.labels_store import save_npz_atomic
+    from cellmask.pipeline import detect_tile
+
+    model = _worker_model(blob, digest, meta)
+    inst = detect_tile(model, source, tile, lo, hi, scale)
+    save_npz_atomic(Path(record), inst.to_arrays())
+    return len(inst)
+
+
+def run_tiles(client, model, source, tiles, lo, hi, scale, run_dir: Path):
+    """Yield ``(objects, tile)`` as the cluster finishes each tile."""
+    from dask.distributed import as_completed
+
+    blob = _model_bytes(model)
+    digest = hashlib.sha256(blob).hexdigest()
+    [blob_future] = client.scatter([blob], broadcast=True)
+    [src_future] = client.scatter([source], broadcast=True)
+    meta = dict(model.meta)
+    futures = {}
+    for tl in tiles:
+        record = str(run_dir / "tiles" / f"{tl.index[0]}_{tl.index[1]}.npz")
+        fut = client.submit(_task, blob_future, digest, meta, src_future, tl, np.asarray(lo),
+                            np.asarray(hi), scale, record, pure=False)
+        futures[fut] = tl
+    for fut in as_completed(futures):
+        yield fut.result(), futures[fut]

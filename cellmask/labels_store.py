@@ -1,0 +1,128 @@
+"""The output store: an NGFF ``labels/<name>`` image with a pyramid, written chunk by chunk.
+
+Layout (``ROOT`` is the input OME-Zarr, or a new store)::
+
+    ROOT/labels/            group, attribute "labels": [..., NAME]
+    ROOT/labels/NAME/       group: multiscales (NGFF 0.5 on zarr v3, 0.4 on zarr v2) + image-label
+    ROOT/labels/NAME/0 1 2  int32 arrays (Y, X), chunks (chunk, chunk), nearest downsampling by 2
+    ROOT/labels/NAME/.run/  the run's state (lock, fingerprint, per-tile instance records)
+    ROOT/labels/NAME/measurements.parquet, measurements.csv
+
+Only the ``labels`` group is ever written in ``ROOT``: the image arrays are never opened for
+writing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = ("0", "1", "2")
+
+
+def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
+                  zarr_format: int = 3, pixel_size: tuple[float, float] | None = None,
+                  source: str | None = "../../"):
+    """Create (or reopen, if it exists with the same shape) the label arrays; returns the group."""
+    import zarr
+
+    root_group = zarr.open_group(str(root), mode="a", zarr_format=zarr_format)
+    labels = root_group.require_group("labels")
+    names = list(labels.attrs.asdict().get("ome", labels.attrs.asdict()).get("labels", []))
+    if name not in names:
+        names.append(name)
+    if zarr_format == 3:
+        labels.attrs["ome"] = {"version": "0.5", "labels": names}
+    else:
+        labels.attrs["labels"] = names
+    group = labels.require_group(name)
+    shapes = [shape]
+    for _ in DATASETS[1:]:
+        shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+    for path, shp in zip(DATASETS, shapes):
+        if path in group:
+            if tuple(group[path].shape) != tuple(shp):
+                raise FileExistsError(f"{root}/labels/{name} exists with another shape "
+                                      f"{group[path].shape}: delete it or choose another name")
+            continue
+        group.create_array(path, shape=shp, chunks=(min(chunk, shp[0]), min(chunk, shp[1])),
+                           dtype="int32", fill_value=0)
+    _write_metadata(group, zarr_format, pixel_size, source)
+    return group
+
+
+def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
+    sy, sx = pixel_size or (1.0, 1.0)
+    datasets = [{"path": p, "coordinateTransformations": [
+        {"type": "scale", "scale": [sy * 2 ** i, sx * 2 ** i]}]} for i, p in enumerate(DATASETS)]
+    axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    multiscales = [{"axes": axes, "datasets": datasets, "name": group.basename,
+                    "type": "nearest"}]
+    image_label = {"colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}
+    if source:
+        image_label["source"] = {"image": source}
+    if zarr_format == 3:
+        image_label_v = dict(image_label)
+        group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales,
+                              "image-label": image_label_v}
+    else:
+        multiscales[0]["version"] = "0.4"
+        image_label["version"] = "0.4"
+        group.attrs.update({"multiscales": multiscales, "image-label": image_label})
+
+
+def write_pyramid(group) -> None:
+    """Fill levels 1.. from the level above by nearest-neighbour downsampling (every second
+    pixel), one output chunk at a time: memory stays at a few chunks whatever the image size."""
+    for prev, path in zip(DATASETS[:-1], DATASETS[1:]):
+        src, dst = group[prev], group[path]
+        ch, cw = dst.chunks
+        for y in range(0, dst.shape[0], ch):
+            for x in range(0, dst.shape[1], cw):
+                block = src[2 * y:2 * min(y + ch, dst.shape[0]):2,
+                            2 * x:2 * min(x + cw, dst.shape[1]):2]
+                dst[y:y + block.shape[0], x:x + block.shape[1]] = block
+
+
+def labels_level0(path: str | Path, name: str = "cellmask"):
+    """The level-0 labels array (a zarr array) of a cellmask output.
+
+    ``path`` may be the store root, its ``labels`` group, or the ``labels/<name>`` group.
+    """
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    for candidate in (path, path / name, path / "labels" / name):
+        try:
+            group = zarr.open_group(str(candidate), mode="r")
+        except Exception:  # not a group at this level: try the next
+            continue
+        attrs = group.attrs.asdict()
+        meta = attrs.get("ome", attrs)
+        if "multiscales" in meta and "image-label" in meta:
+            return group[meta["multiscales"][0]["datasets"][0]["path"]]
+    raise FileNotFoundError(f"no cellmask labels image found at {path} (looked for "
+                            f"labels/{name} with NGFF image-label metadata)")
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)

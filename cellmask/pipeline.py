@@ -1,0 +1,321 @@
+"""Whole-slide segmentation: tiles in, one NGFF labels image and a measurements table out.
+
+``run(...)`` is a generator of :class:`Progress` events (the CLI draws them as a progress bar,
+napari as its own, a script ignores them); :func:`segment_zarr` consumes it.
+
+Stages: open the source lazily -> intensity range once for the whole image -> per tile (core
+aligned to the output chunks, read window = core + halo): detect, keep the instances whose
+centre is in the core, save them as a record (the resume log) -> resolve all instances
+(:mod:`cellmask.stitch`) -> paint chunk by chunk -> pyramid -> measurements.
+
+A killed run restarted with the same arguments reuses every finished tile record; a second run
+on the same output while one is alive is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cellmask.labels_store import (create_labels, labels_level0, read_json, save_npz_atomic,
+                                   write_json_atomic, write_pyramid)
+from cellmask.model.paint import Instances, local_masks, pixel_windows
+from cellmask.normalize import InputError, apply_range, percentile_range
+from cellmask.sources import ImageSource, open_image
+from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
+from cellmask.tiling import Tile, plan_tiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One event: ``stage`` in {"tiles", "stitch", "paint", "measure", "done"}."""
+
+    stage: str
+    done: int
+    total: int
+    objects: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class SegmentationResult:
+    """``labels``: lazily readable ``(Y, X)`` level-0 labels; ``table``: measurements;
+    ``path``: the ``labels/<name>`` group that was written."""
+
+    path: Path
+    labels: Any
+    table: Any
+    objects: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class OutputLocked(RuntimeError):
+    """Another live run is writing the same output."""
+
+
+def _output_root(src: ImageSource, output) -> Path:
+    if output is not None:
+        out = Path(output)
+        if src.path is not None and out.resolve() == Path(src.path).resolve() \
+                and src.kind != "ome-zarr":
+            raise InputError(f"output {out} is the input file: choose another output path")
+        return out
+    if src.kind == "ome-zarr" and src.group is not None:
+        return Path(src.group)
+    if src.path is not None:
+        p = Path(src.path)
+        return p.with_name(p.name.split(".")[0] + ".cellmask.ome.zarr")
+    raise InputError("an in-memory image needs output= (a path for the OME-Zarr labels)")
+
+
+def _lock(run_dir: Path) -> Path:
+    lock = run_dir / "lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            return lock
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            alive = host == socket.gethostname() and _pid_alive(int(pid or 0))
+            if alive or host != socket.gethostname():
+                raise OutputLocked(f"another cellmask run ({host} pid {pid}) is writing "
+                                   f"{run_dir.parent}: wait for it, or delete {lock} if it "
+                                   "is dead") from None
+            lock.unlink()  # stale: its process is gone
+    raise OutputLocked(f"could not lock {run_dir}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000):
+    """Per-channel percentiles of the whole image, from a coarse level or a strided sample."""
+    h, w = src.shape
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    sample = np.asarray(src.array[::step, ::step].compute())
+    chw = np.moveaxis(sample, -1, 0).astype(np.float32)
+    if not np.isfinite(chw).all():
+        raise InputError("the image has NaN or infinite pixels: replace them before segmenting")
+    return percentile_range(chw, percentiles, max_samples)
+
+
+def _fingerprint(src: ImageSource, model, tile, halo, scale, lo, hi) -> dict:
+    digest = hashlib.sha256()
+    for k, v in sorted(model.net.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    return {"shape": list(src.shape), "channels": int(src.array.shape[2]),
+            "dtype": str(src.array.dtype), "model": digest.hexdigest()[:16],
+            "config": json.loads(model.config.to_json()), "tile": tile, "halo": halo,
+            "scale": scale, "lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
+
+
+def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
+                window: np.ndarray | None = None) -> InstanceSet:
+    """The instances owned by ``tile``, as binary masks over pixel windows (level-0 frame)."""
+    import torch
+    import torch.nn.functional as F
+
+    y0, y1, x0, x1 = tile.window
+    if window is None:
+        window = np.asarray(src.array[y0:y1, x0:x1].compute())
+    chw = apply_range(np.moveaxis(window, -1, 0).astype(np.float32), lo, hi)
+    if scale != 1.0:
+        size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
+        chw = F.interpolate(torch.from_numpy(chw)[None], size=size, mode="bilinear",
+                            antialias=scale < 1, align_corners=False)[0].numpy()
+    inst = model.detect(chw, tile=max(chw.shape[1:]) + 1, halo=0)
+    f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
+    inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0)
+    cy = (inst.boxes[:, 1] + inst.boxes[:, 3]) / 2
+    cx = (inst.boxes[:, 0] + inst.boxes[:, 2]) / 2
+    inst = inst.select(tile.owns(cy, cx))
+    windows = pixel_windows(inst.boxes, src.shape)
+    masks = local_masks(inst, windows, model.config.mask_thresh)
+    return InstanceSet(windows, inst.scores, masks)
+
+
+def _record_path(run_dir: Path, tile: Tile) -> Path:
+    return run_dir / "tiles" / f"{tile.index[0]}_{tile.index[1]}.npz"
+
+
+def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
+        device: str = "auto", batch_size: int | None = None, client=None, name: str = "cellmask",
+        axes: str | None = None, channel: int | None = None, z: int | None = None,
+        t: int | None = None, scale: float | None = None, measure: bool = True,
+        detector=None) -> Iterator[Progress | SegmentationResult]:
+    """Segment ``source`` into ``output``; yields progress events, then the result.
+
+    ``detector(tile, window)``, if given, replaces the model's :func:`detect_tile`: it receives
+    a :class:`~cellmask.tiling.Tile` and its raw window ``(h, w, C)`` and returns the
+    :class:`~cellmask.stitch.InstanceSet` the tile owns (used to test tiling and stitching with
+    exact, model-free instances).
+    """
+    from cellmask.model.segmenter import _resolve_scale, load_model
+
+    if tile <= 0 or halo < 0:
+        raise InputError(f"tile must be positive and halo zero or more (got {tile}, {halo})")
+    if tile < 2 * halo:
+        raise InputError(f"tile {tile} is smaller than twice the halo {halo}: use --tile "
+                         f"{max(256, 4 * halo)} or a smaller --halo")
+    t_start = time.perf_counter()
+    src = open_image(source, axes=axes, channel=channel, z=z, t=t)
+    if model is None or isinstance(model, (str, Path)):
+        model = load_model(model or "nuclei", device=device)
+    scale = _resolve_scale(scale, None, model.trained_diameter)
+    root = _output_root(src, output)
+    lo, hi = intensity_range(src, model.config.norm_percentiles)
+    fmt = src.zarr_format if src.kind == "ome-zarr" and output is None else 3
+    group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
+                          pixel_size=src.pixel_size,
+                          source="../../" if (src.kind == "ome-zarr" and output is None)
+                          else (str(src.path) if src.path else None))
+    group_dir = root / "labels" / name
+    run_dir = group_dir / ".run"
+    (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir)
+    try:
+        fp = _fingerprint(src, model, tile, halo, scale, lo, hi)
+        previous = read_json(run_dir / "run.json")
+        if previous is not None and previous.get("fingerprint") != fp:
+            raise FileExistsError(f"{group_dir} holds labels of a different run (other model, "
+                                  "image or settings): delete it or pass another name/output")
+        write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "tiles"})
+        tiles = plan_tiles(src.shape, tile, halo)
+        todo = [tl for tl in tiles if not _record_path(run_dir, tl).is_file()]
+        done = len(tiles) - len(todo)
+        objects = 0
+        t0 = time.perf_counter()
+        px = 0
+        if client is not None:
+            from cellmask.distributed import run_tiles
+
+            for n_found, tl in run_tiles(client, model, src, todo, lo, hi, scale, run_dir):
+                done += 1
+                objects += n_found
+                px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                               time.perf_counter() - t0)
+        else:
+            with ThreadPoolExecutor(1) as reader:  # read the next window while this one computes
+                def read(tl: Tile):
+                    y0, y1, x0, x1 = tl.window
+                    return np.asarray(src.array[y0:y1, x0:x1].compute())
+
+                pending = reader.submit(read, todo[0]) if todo else None
+                for k, tl in enumerate(todo):
+                    window = pending.result()
+                    pending = reader.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+                    inst = (detector(tl, window) if detector is not None
+                            else detect_tile(model, src, tl, lo, hi, scale, window))
+                    save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                    done += 1
+                    objects += len(inst)
+                    px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                    yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                                   time.perf_counter() - t0)
+        t_tiles = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
+        c = model.config
+        kept = resolve(InstanceSet.concatenate(parts), min_visible_fraction=c.min_visible_fraction,
+                       min_area=c.min_area, cell=tile)
+        _check_halo(kept, halo, scale)
+        index = SpatialIndex(kept, tile)
+        level0 = group["0"]
+        for k, tl in enumerate(tiles):
+            y0, y1, x0, x1 = tl.core
+            level0[y0:y1, x0:x1] = paint_region(kept, index, tl.core)
+            yield Progress("paint", k + 1, len(tiles), len(kept))
+        write_pyramid(group)
+        t_paint = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        table = None
+        if measure:
+            from cellmask.measure import measure_instances
+
+            table = measure_instances(kept, src, tile)
+            table.to_parquet(group_dir / "measurements.parquet", index=False)
+            table.to_csv(group_dir / "measurements.csv", index=False)
+        t_measure = time.perf_counter() - t2
+        write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
+                                                 "objects": len(kept)})
+    finally:
+        lock.unlink(missing_ok=True)
+    import dask.array as da
+
+    timings = {"tiles": t_tiles, "stitch_paint": t_paint, "measure": t_measure,
+               "total": time.perf_counter() - t_start}
+    yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
+    yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table, len(kept),
+                             timings)
+
+
+def _check_halo(kept: InstanceSet, halo: int, scale: float) -> None:
+    if not len(kept):
+        return
+    w = kept.windows
+    largest = int(max((w[:, 2] - w[:, 0]).max(), (w[:, 3] - w[:, 1]).max()))
+    if largest > halo:
+        log.warning("objects up to %d px were found but the halo is %d px: objects larger than "
+                    "the halo can be cut at tile seams; pass --halo %d or more", largest, halo,
+                    int(np.ceil(largest / 32) * 32))
+
+
+def segment_zarr(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
+                 device: str = "auto", batch_size: int | None = None, client=None,
+                 progress: bool = True, **kwargs) -> SegmentationResult:
+    """Segment a whole image (OME-Zarr, Zarr, TIFF/SVS, numpy, dask) tile by tile.
+
+    Labels go to ``labels/cellmask`` inside an input OME-Zarr (the NGFF convention) or to a new
+    OME-Zarr at ``output``. Returns a :class:`SegmentationResult`.
+    """
+    bar = None
+    result = None
+    for event in run(source, output, model=model, tile=tile, halo=halo, device=device,
+                     batch_size=batch_size, client=client, **kwargs):
+        if isinstance(event, SegmentationResult):
+            result = event
+        elif progress and event.stage == "tiles":
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=event.total, unit="tile", dynamic_ncols=True)
+            bar.n = event.done
+            rate = event.megapixels / event.seconds if event.seconds else 0.0
+            bar.set_postfix(objects=event.objects, mpx_s=f"{rate:.2f}")
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def open_labels(path: str | Path, name: str = "cellmask"):
+    """The level-0 labels (a lazily read dask array) of a cellmask output."""
+    import dask.array as da
+
+    return da.from_zarr(labels_level0(path, name))

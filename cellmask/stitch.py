@@ -1,0 +1,156 @@
+"""Stitching: from per-tile instances to one label image, independent of tile order.
+
+Frames: every window is ``[x0, y0, x1, y1]`` (exclusive ends) in level-0 pixels of the whole
+image; every mask is boolean ``(y1 - y0, x1 - x0)`` over its window.
+
+1. **Ownership** (done per tile, see :mod:`cellmask.pipeline`): a tile keeps the instances whose
+   box centre lies in its core, so each object is proposed by one tile when it is smaller than
+   the halo.
+2. **Resolution** (:func:`resolve`): all instances, ordered by score then position, claim their
+   pixels; an instance that keeps less than ``min_visible_fraction`` of its mask (a duplicate
+   from a neighbouring tile, or a fragment) is dropped. Only instances whose windows intersect
+   can interact, so each one is checked against its neighbours in a grid index. Ids are given
+   in this order: the result depends on neither the tile size nor the order tiles finished in.
+3. **Painting** (:func:`paint_region`): any region (an output chunk) is painted from the kept
+   instances that touch it. Kept masks are disjoint, so chunks can be painted in any order or
+   in parallel and always agree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InstanceSet:
+    """Instances in the whole-image frame. ``masks[i]`` is boolean over ``windows[i]``."""
+
+    windows: np.ndarray  # (N, 4) int64 [x0, y0, x1, y1]
+    scores: np.ndarray   # (N,) float32
+    masks: list
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @staticmethod
+    def empty() -> "InstanceSet":
+        return InstanceSet(np.zeros((0, 4), np.int64), np.zeros(0, np.float32), [])
+
+    @staticmethod
+    def concatenate(parts: list["InstanceSet"]) -> "InstanceSet":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return InstanceSet.empty()
+        return InstanceSet(np.concatenate([p.windows for p in parts]),
+                           np.concatenate([p.scores for p in parts]),
+                           [m for p in parts for m in p.masks])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for an ``.npz`` record: windows, scores, packed mask bits."""
+        flat = [m.ravel() for m in self.masks]
+        sizes = np.array([f.size for f in flat], np.int64)
+        bits = np.packbits(np.concatenate(flat)) if flat else np.zeros(0, np.uint8)
+        return {"windows": self.windows, "scores": self.scores, "sizes": sizes, "bits": bits}
+
+    @staticmethod
+    def from_arrays(d) -> "InstanceSet":
+        windows = np.asarray(d["windows"], np.int64).reshape(-1, 4)
+        sizes = np.asarray(d["sizes"], np.int64)
+        flat = np.unpackbits(np.asarray(d["bits"], np.uint8), count=int(sizes.sum())).astype(bool)
+        masks, start = [], 0
+        for (x0, y0, x1, y1), n in zip(windows, sizes):
+            masks.append(flat[start:start + n].reshape(y1 - y0, x1 - x0))
+            start += n
+        return InstanceSet(windows, np.asarray(d["scores"], np.float32), masks)
+
+
+def _cells(window: np.ndarray, cell: int):
+    x0, y0, x1, y1 = (int(v) for v in window)
+    for cy in range(y0 // cell, (max(y1, y0 + 1) - 1) // cell + 1):
+        for cx in range(x0 // cell, (max(x1, x0 + 1) - 1) // cell + 1):
+            yield cy, cx
+
+
+def priority_order(inst: InstanceSet) -> np.ndarray:
+    """Indices by decreasing score, ties broken by position (y0, then x0): deterministic."""
+    w = inst.windows
+    return np.lexsort((w[:, 2], w[:, 3], w[:, 0], w[:, 1], -inst.scores.astype(np.float64)))
+
+
+def resolve(inst: InstanceSet, *, min_visible_fraction: float = 0.5, min_area: int = 6,
+            cell: int = 256) -> InstanceSet:
+    """The kept instances, in id order (id = position + 1), with their visible (disjoint) masks."""
+    order = priority_order(inst)
+    grid: dict[tuple[int, int], list[int]] = defaultdict(list)
+    kept_w: list[np.ndarray] = []
+    kept_m: list[np.ndarray] = []
+    kept_s: list[float] = []
+    for i in order:
+        w = inst.windows[i]
+        mask = inst.masks[i]
+        area = int(mask.sum())
+        if area < min_area:
+            continue
+        free = mask.copy()
+        seen: set[int] = set()
+        for c in _cells(w, cell):
+            for k in grid.get(c, ()):
+                if k in seen:
+                    continue
+                seen.add(k)
+                kw = kept_w[k]
+                ix0, iy0 = max(w[0], kw[0]), max(w[1], kw[1])
+                ix1, iy1 = min(w[2], kw[2]), min(w[3], kw[3])
+                if ix0 >= ix1 or iy0 >= iy1:
+                    continue
+                free[iy0 - w[1]:iy1 - w[1], ix0 - w[0]:ix1 - w[0]] &= \
+                    ~kept_m[k][iy0 - kw[1]:iy1 - kw[1], ix0 - kw[0]:ix1 - kw[0]]
+        visible = int(free.sum())
+        if visible < min_area or visible < min_visible_fraction * area:
+            continue
+        k = len(kept_w)
+        kept_w.append(w)
+        kept_m.append(free)
+        kept_s.append(float(inst.scores[i]))
+        for c in _cells(w, cell):
+            grid[c].append(k)
+    if not kept_w:
+        return InstanceSet.empty()
+    return InstanceSet(np.stack(kept_w), np.array(kept_s, np.float32), kept_m)
+
+
+class SpatialIndex:
+    """Which kept instances touch a region: a grid of ``cell``-sized buckets."""
+
+    def __init__(self, inst: InstanceSet, cell: int):
+        self.inst = inst
+        self.cell = cell
+        self.grid: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for k, w in enumerate(inst.windows):
+            for c in _cells(w, cell):
+                self.grid[c].append(k)
+
+    def query(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
+        found: set[int] = set()
+        for c in _cells(np.array([x0, y0, x1, y1]), self.cell):
+            found.update(self.grid.get(c, ()))
+        return sorted(found)
+
+
+def paint_region(inst: InstanceSet, index: SpatialIndex, region: tuple[int, int, int, int],
+                 first_id: int = 1, dtype=np.int32) -> np.ndarray:
+    """Labels ``(y1 - y0, x1 - x0)`` of ``region`` ``(y0, y1, x0, x1)``; instance ``k`` gets
+    id ``first_id + k``."""
+    y0, y1, x0, x1 = region
+    out = np.zeros((y1 - y0, x1 - x0), dtype)
+    for k in index.query(y0, y1, x0, x1):
+        wx0, wy0, wx1, wy1 = (int(v) for v in inst.windows[k])
+        ix0, iy0, ix1, iy1 = max(wx0, x0), max(wy0, y0), min(wx1, x1), min(wy1, y1)
+        if ix0 >= ix1 or iy0 >= iy1:
+            continue
+        m = inst.masks[k][iy0 - wy0:iy1 - wy0, ix0 - wx0:ix1 - wx0]
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0][m] = first_id + k
+    return out
