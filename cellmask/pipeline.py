@@ -117,7 +117,12 @@ def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000)
     """Per-channel percentiles of the whole image, from a coarse level or a strided sample."""
     h, w = src.shape
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    sample = np.asarray(src.array[::step, ::step].compute())
+    try:
+        sample = np.asarray(src.array[::step, ::step].compute())
+    except Exception as err:  # codecs raise many types; find and name the broken chunk
+        raise InputError(f"cannot read {src.path or 'the image'}: "
+                         f"{_bad_chunk(src, (0, h, 0, w))} ({type(err).__name__}: {err})") \
+            from None
     chw = np.moveaxis(sample, -1, 0).astype(np.float32)
     if not np.isfinite(chw).all():
         raise InputError("the image has NaN or infinite pixels: replace them before segmenting")
@@ -135,6 +140,32 @@ def _fingerprint(src: ImageSource, model, tile, halo, scale, lo, hi) -> dict:
             "scale": scale, "lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
 
 
+def read_window(src: ImageSource, region: tuple[int, int, int, int]) -> np.ndarray:
+    """Pixels ``(h, w, C)`` of ``region`` ``(y0, y1, x0, x1)``; a chunk that cannot be decoded
+    raises :class:`InputError` naming it."""
+    y0, y1, x0, x1 = region
+    try:
+        return np.asarray(src.array[y0:y1, x0:x1].compute())
+    except Exception as err:  # codecs raise many types; find and name the broken chunk
+        raise InputError(f"cannot read {src.path or 'the image'}: {_bad_chunk(src, region)} "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def _bad_chunk(src: ImageSource, region) -> str:
+    y0, y1, x0, x1 = region
+    cy = np.cumsum((0,) + src.array.chunks[0])
+    cx = np.cumsum((0,) + src.array.chunks[1])
+    for i in range(np.searchsorted(cy, y0, "right") - 1, np.searchsorted(cy, y1, "left")):
+        for j in range(np.searchsorted(cx, x0, "right") - 1, np.searchsorted(cx, x1, "left")):
+            try:
+                src.array[cy[i]:cy[i + 1], cx[j]:cx[j + 1]].compute()
+            except Exception:  # this one is broken
+                key = f"c/{i}/{j}" if src.zarr_format == 3 else f"{i}.{j}"
+                return (f"chunk ({i}, {j}) of the array (key {key}, pixels y {cy[i]}:{cy[i + 1]}, "
+                        f"x {cx[j]}:{cx[j + 1]}) is corrupt")
+    return f"region y {y0}:{y1}, x {x0}:{x1} could not be read"
+
+
 def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
                 window: np.ndarray | None = None) -> InstanceSet:
     """The instances owned by ``tile``, as binary masks over pixel windows (level-0 frame)."""
@@ -143,7 +174,7 @@ def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
 
     y0, y1, x0, x1 = tile.window
     if window is None:
-        window = np.asarray(src.array[y0:y1, x0:x1].compute())
+        window = read_window(src, tile.window)
     chw = apply_range(np.moveaxis(window, -1, 0).astype(np.float32), lo, hi)
     if scale != 1.0:
         size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
@@ -212,6 +243,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         objects = 0
         t0 = time.perf_counter()
         px = 0
+        wait_read = t_model = t_record = 0.0
         if client is not None:
             from cellmask.distributed import run_tiles
 
@@ -224,16 +256,21 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         else:
             with ThreadPoolExecutor(1) as reader:  # read the next window while this one computes
                 def read(tl: Tile):
-                    y0, y1, x0, x1 = tl.window
-                    return np.asarray(src.array[y0:y1, x0:x1].compute())
+                    return read_window(src, tl.window)
 
                 pending = reader.submit(read, todo[0]) if todo else None
                 for k, tl in enumerate(todo):
+                    tw = time.perf_counter()
                     window = pending.result()
                     pending = reader.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+                    td = time.perf_counter()
                     inst = (detector(tl, window) if detector is not None
                             else detect_tile(model, src, tl, lo, hi, scale, window))
+                    tr = time.perf_counter()
                     save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                    wait_read += td - tw
+                    t_model += tr - td
+                    t_record += time.perf_counter() - tr
                     done += 1
                     objects += len(inst)
                     px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
@@ -269,7 +306,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         lock.unlink(missing_ok=True)
     import dask.array as da
 
-    timings = {"tiles": t_tiles, "stitch_paint": t_paint, "measure": t_measure,
+    timings = {"tiles": t_tiles, "model": t_model, "read_wait": wait_read,
+               "records": t_record, "stitch_paint": t_paint, "measure": t_measure,
                "total": time.perf_counter() - t_start}
     yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
     yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table, len(kept),

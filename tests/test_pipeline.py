@@ -291,3 +291,42 @@ def test_dask_distributed_cluster_gives_identical_labels(tmp_path, shipped_model
     assert len(pids) == 2
     assert np.array_equal(np.asarray(dist.labels), np.asarray(local.labels))
     assert dist.table.equals(local.table)
+
+
+def test_corrupt_chunk_is_named(tmp_path):
+    image, _ = load_fixture("fluo_29dd28df98ee")
+    src = tmp_path / "i.zarr"
+    zarr.create_array(str(src), shape=image.shape, chunks=(128, 128), dtype=image.dtype)[:] = image
+    (src / "c" / "1" / "0").write_bytes(b"garbage, not a compressed chunk")
+    with pytest.raises(cellmask.InputError, match=r"chunk \(1, 0\).*key c/1/0"):
+        cellmask.segment_zarr(src, tmp_path / "o.zarr", tile=128, halo=32, progress=False,
+                              model=_tiny_model())
+
+
+def test_pyramidal_bigtiff(tmp_path, shipped_model):
+    import tifffile
+
+    image, _ = load_fixture("fluo_29dd28df98ee")
+    path = tmp_path / "pyr.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(image, tile=(64, 64), subifds=1, compression="zlib")
+        tif.write(image[::2, ::2], tile=(64, 64), subfiletype=1, compression="zlib")
+    src = cellmask.sources.open_image(path)
+    assert len(src.levels) == 2 and src.levels[1].shape[:2] == (128, 128)
+    result = cellmask.segment_zarr(path, tmp_path / "o.zarr", model=shipped_model,
+                                   progress=False)
+    ev = Evaluation(thresholds=(0.9,))
+    ev.add(shipped_model.segment(image), np.asarray(result.labels))
+    assert ev.table()["ap"][0] >= 0.98
+
+
+@pytest.mark.data
+def test_aperio_svs_region(tmp_path, shipped_model):
+    from conftest import SHARED
+
+    svs = SHARED / "cmu1_he_region" / "CMU-1-Small-Region.svs"
+    src = cellmask.sources.open_image(svs)
+    assert src.shape == (2967, 2220) and src.array.shape[2] == 3
+    result = cellmask.segment_zarr(svs, tmp_path / "o.zarr", model=shipped_model, tile=1024,
+                                   progress=False, measure=False)
+    assert result.objects > 500  # an H&E region full of nuclei

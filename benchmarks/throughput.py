@@ -1,0 +1,114 @@
+"""Whole-image throughput and memory of ``segment_zarr`` on dense real-nuclei mosaics.
+
+For each size, a mosaic of real DSB2018 fluorescence nuclei (``benchmarks/mosaic.py``) is
+written to a Zarr array (chunks 1024) and segmented in a fresh process (Zarr in, NGFF labels
+and measurements out); the process's peak resident memory (VmHWM, torch included) and the time
+split (model, waiting for reads, records, stitching + painting + pyramid, measurements) are
+printed. Also: tiled (tile 256, halo 64) vs whole-image agreement on a 1024 mosaic.
+
+    python benchmarks/throughput.py --sizes 2048 4096 8192 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.mosaic import dense_mosaic  # noqa: E402
+
+CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import cellmask
+t0 = time.perf_counter()
+r = cellmask.segment_zarr({src!r}, {out!r}, tile={tile}, halo=64, progress=False)
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+print(json.dumps({{"objects": r.objects, "timings": r.timings, "hwm_kib": int(hwm)}}))
+"""
+
+
+def run_size(size: int, tile: int, tmp: Path) -> dict:
+    import zarr
+
+    image, truth = dense_mosaic(size)
+    src = tmp / f"mosaic_{size}.zarr"
+    z = zarr.create_array(str(src), shape=image.shape, chunks=(1024, 1024), dtype=image.dtype)
+    z[:] = image
+    out = tmp / f"out_{size}.zarr"
+    code = CHILD.format(root=str(ROOT), src=str(src), out=str(out), tile=tile)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = res["timings"]
+    row = {"size": size, "annotated": int(truth.max()), "objects": res["objects"],
+           "seconds": round(t["total"], 2), "mpx_s": round(size * size / 1e6 / t["total"], 3),
+           "model_s": round(t["model"], 2),
+           "io_stitch_paint_s": round(t["total"] - t["model"], 2),
+           "io_stitch_paint_pct": round(100 * (t["total"] - t["model"]) / t["total"], 1),
+           "peak_gib": round(res["hwm_kib"] / 1024**2, 2)}
+    if size <= 4096:
+        from cellmask.metrics import Evaluation
+
+        ev = Evaluation(thresholds=(0.5,))
+        ev.add(truth, np.asarray(zarr.open_array(str(out / "labels" / "cellmask" / "0"))))
+        row["ap50"] = round(float(ev.table()["ap"][0]), 3)
+    return row
+
+
+def agreement(tile: int = 256, halo: int = 64) -> dict:
+    import cellmask
+    from cellmask.metrics import Evaluation, iou_matrix
+
+    image, truth = dense_mosaic(1024, seed=1)
+    model = cellmask.load_model(device="cpu")
+    whole = model.segment(image, tile=4096)
+    with tempfile.TemporaryDirectory() as d:
+        tiled = np.asarray(cellmask.segment_zarr(image, Path(d) / "o.zarr", model=model,
+                                                 tile=tile, halo=halo, progress=False).labels)
+    iou = iou_matrix(whole, tiled)
+    identical = int((iou.max(axis=1) >= 0.9).sum()) if iou.size else 0
+    ev_w, ev_t = Evaluation(thresholds=(0.5,)), Evaluation(thresholds=(0.5,))
+    ev_w.add(truth, whole)
+    ev_t.add(truth, tiled)
+    return {"whole_objects": int(whole.max()), "tiled_objects": int(tiled.max()),
+            "identical_iou90_pct": round(100 * identical / max(1, whole.max()), 2),
+            "ap50_whole": round(float(ev_w.table()["ap"][0]), 4),
+            "ap50_tiled": round(float(ev_t.table()["ap"][0]), 4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--no-agreement", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, device cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for size in args.sizes:
+            rows.append(run_size(size, args.tile, Path(d)))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| image | objects | s | Mpx/s | model s | I/O+stitch+paint+measure | peak GiB | AP@0.5 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']}^2 | {r['objects']} | {r['seconds']} | {r['mpx_s']} | {r['model_s']} "
+              f"| {r['io_stitch_paint_s']} s ({r['io_stitch_paint_pct']}%) | {r['peak_gib']} | "
+              f"{r.get('ap50', '-')} |")
+    if not args.no_agreement:
+        print("tiled (256/64) vs whole on a 1024 mosaic:", json.dumps(agreement()))
+
+
+if __name__ == "__main__":
+    main()
