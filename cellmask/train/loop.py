@@ -58,6 +58,31 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
           init: str | None = None, progress: bool = True) -> Path:
     """Train (or fine-tune from ``init``) and return the path of the final weights file."""
+    bar = None
+    weights = None
+    for row in train_steps(cfg, model_cfg, resume=resume, init=init):
+        if "weights" in row:
+            weights = row["weights"]
+            continue
+        if progress:
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.iterations, initial=row["step"] - 1, unit="it",
+                           dynamic_ncols=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}")
+    if bar is not None:
+        bar.close()
+    return weights
+
+
+def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
+                init: str | None = None, samples: list | None = None):
+    """The training loop as a generator: yields one row (step, seconds, lr, losses) per step,
+    then ``{"weights": path}``. Closing it early saves a checkpoint (``--resume`` continues).
+    ``samples`` (a list of :class:`~cellmask.train.data.Sample`) replaces reading ``cfg.data``.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -95,7 +120,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
     if optimizer_state:
         _restore_optimizer(opt, optimizer_state)
 
-    samples = load_samples(cfg.data, cfg.split, model_cfg.norm_percentiles)
+    if samples is None:
+        samples = load_samples(cfg.data, cfg.split, model_cfg.norm_percentiles)
     sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed)
     meta = {"train_config": str(asdict(cfg)), "device": str(device)}
 
@@ -109,10 +135,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
     new_log = not (resume and log_path.is_file())
     log_file = open(log_path, "w" if new_log else "a", newline="")
     writer = None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, initial=start, unit="it", dynamic_ncols=True)
     last_save = time.monotonic()
     t0 = time.monotonic()
     done = start  # steps whose update has been applied
@@ -143,9 +165,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
                 if new_log:
                     writer.writeheader()
             writer.writerow(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            yield row
             if cfg.max_minutes and time.monotonic() - t0 > cfg.max_minutes * 60:
                 log.info("time budget of %.1f min spent at step %d", cfg.max_minutes, done)
                 break
@@ -154,12 +174,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
                 save(step + 1)
                 last_save = time.monotonic()
         save(done)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, GeneratorExit):
         save(done)
         log.warning("interrupted: checkpoint saved at step %d; continue with --resume", done)
         raise
     finally:
         log_file.close()
-        if bar is not None:
-            bar.close()
-    return out / "weights.safetensors"
+    yield {"weights": out / "weights.safetensors"}

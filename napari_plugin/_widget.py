@@ -1,0 +1,162 @@
+"""The "Segment nuclei" widget.
+
+Every run goes through :func:`cellmask.pipeline.run` in a ``thread_worker``, tile by tile, so the
+viewer stays responsive and Cancel stops at the next tile (a second or two). Small images come
+back as an in-memory Labels layer; large, dask or multiscale ones stay on disk in an OME-Zarr
+(chosen, or temporary) and are shown lazily as a multiscale Labels layer. The result is bound to
+the layer that was segmented when Run was pressed, whatever is selected later.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
+                              PushButton, SpinBox)
+
+log = logging.getLogger(__name__)
+
+#: Images up to this many pixels (and not multiscale or dask) are loaded as in-memory labels.
+IN_MEMORY_PIXELS = 4096 * 4096
+
+
+class SegmentWidget(Container):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.image = ComboBox(label="image", choices=self._image_layers)
+        self.model_name = ComboBox(label="model", choices=["nuclei"], value="nuclei")
+        self.weights = FileEdit(label="or weights file", filter="*.safetensors", value="")
+        self.diameter = FloatSpinBox(label="diameter (px, 0 = as trained)", value=0.0, min=0.0,
+                                     max=2000.0)
+        self.tile = SpinBox(label="tile", value=1024, min=128, max=8192, step=128)
+        self.halo = SpinBox(label="halo", value=64, min=0, max=1024, step=16)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.output = FileEdit(label="OME-Zarr for large images (empty: temporary)", mode="w",
+                               value="")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
+        self.status = Label(value="")
+        self.extend([self.image, self.model_name, self.weights, self.diameter, self.tile,
+                     self.halo, self.device, self.output, self.run_button, self.cancel_button,
+                     self.progress, self.status])
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.worker = None
+        self.last_result_layer = None
+        self._models: dict = {}
+        self._measurements = None
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(lambda e: self.image.reset_choices())
+        self.image.reset_choices()
+
+    def _image_layers(self, widget=None):
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _model(self):
+        from cellmask import load_model
+
+        key = (str(self.weights.value) if str(self.weights.value) not in ("", ".")
+               else self.model_name.value, self.device.value)
+        if key not in self._models:
+            self._models[key] = load_model(key[0], device=key[1])
+        return self._models[key]
+
+    def run(self, *_):
+        from napari.qt.threading import thread_worker
+
+        from cellmask.pipeline import SegmentationResult, run
+
+        layer = self.image.value
+        if layer is None:
+            self.status.value = "add an image layer first"
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        lazy = layer.multiscale or not isinstance(data, np.ndarray)
+        small = not lazy and data.shape[0] * data.shape[1] <= IN_MEMORY_PIXELS
+        out = str(self.output.value)
+        if out in ("", "."):
+            self._tmp = tempfile.TemporaryDirectory(prefix="cellmask-")
+            out = str(Path(self._tmp.name) / f"{layer.name}.ome.zarr")
+        model = self._model()
+        kwargs = dict(model=model, tile=self.tile.value, halo=self.halo.value,
+                      axes="YXS" if layer.rgb else "YX")
+        if self.diameter.value > 0:
+            kwargs["scale"] = model.trained_diameter / self.diameter.value
+        events = run(data, out, **kwargs)
+
+        @thread_worker
+        def work():
+            for event in events:
+                if isinstance(event, SegmentationResult):
+                    return event
+                yield event
+
+        self.worker = work()
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda result: self._show(result, layer, small))
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(lambda: setattr(self.status, "value", "cancelled"))
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = f"segmenting {layer.name}..."
+        self.worker.start()
+
+    def cancel(self, *_):
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_progress(self, event) -> None:
+        if event.stage == "tiles":
+            self.progress.max = event.total
+            self.progress.value = event.done
+            self.status.value = f"{event.done}/{event.total} tiles, {event.objects} objects"
+
+    def _on_error(self, err) -> None:
+        self.status.value = f"error: {err}"
+        log.error("segmentation failed: %s", err)
+
+    def _on_finished(self) -> None:
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.worker = None
+
+    def _show(self, result, layer, small: bool) -> None:
+        import dask.array as da
+        import zarr
+
+        name = f"{layer.name} cellmask"
+        if small:
+            data = np.asarray(result.labels)
+            multiscale = False
+        else:
+            group = zarr.open_group(str(result.path), mode="r")
+            data = [da.from_zarr(group[p]) for p in ("0", "1", "2")]
+            multiscale = True
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        labels = self.viewer.add_labels(data, name=name, multiscale=multiscale,
+                                        scale=layer.scale[-2:], translate=layer.translate[-2:],
+                                        metadata={"cellmask_source": layer.name,
+                                                  "cellmask_path": str(result.path)})
+        self.last_result_layer = labels
+        self.status.value = f"{result.objects} objects in {layer.name}"
+        if result.table is not None:
+            self.measurements.set_table(labels, result.table)
+
+    @property
+    def measurements(self):
+        from napari_plugin._measurements import MeasurementsWidget
+
+        if self._measurements is None:
+            self._measurements = MeasurementsWidget(self.viewer)
+            self.viewer.window.add_dock_widget(self._measurements, name="cellmask measurements",
+                                               area="right")
+        return self._measurements
