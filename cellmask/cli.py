@@ -66,6 +66,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--z", type=int, help="z plane")
     p.add_argument("--t", type=int, help="time point")
     p.add_argument("--name", default="cellmask", help="name of the labels image")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="segment around unreadable chunks (read as 0) and report them")
     p.set_defaults(func=_run_segment)
 
 
@@ -81,7 +83,9 @@ def _run_segment(args: argparse.Namespace) -> int:
                           halo=args.halo, device=args.device, batch_size=args.batch_size,
                           client=client, progress=not args.quiet, axes=args.axes,
                           channel=args.channel, z=args.z, t=args.t, scale=args.scale,
-                          name=args.name)
+                          name=args.name, skip_corrupt=args.skip_corrupt)
+    for chunk in result.corrupt:
+        print(f"cellmask: warning: corrupt input {chunk} was segmented as empty", file=sys.stderr)
     log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
              result.timings["total"], result.path, result.path / "measurements.csv")
     return 0
@@ -157,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors become one line on stderr and a non-zero exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
@@ -165,17 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        log.error("interrupted")
+        print("cellmask: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, missing files, refused runs
         if args.debug:
             raise
-        log.error("%s", err)
+        print(f"cellmask: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # an unexpected failure: still one line, the traceback on request
         if args.debug:
             raise
-        log.error("%s: %s (rerun with --debug for the traceback)", type(err).__name__, err)
+        print(f"cellmask: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug "
+              "for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -40,14 +40,14 @@ def measure(labels: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame
     return table
 
 
-def measure_instances(kept, source, cell: int = 1024) -> pd.DataFrame:
+def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame:
     """Measurements of resolved whole-image instances (:class:`cellmask.stitch.InstanceSet`,
     id = position + 1), reading ``source`` (:class:`cellmask.sources.ImageSource`) region by region.
 
     Each object is measured on its complete mask, wherever tile or chunk borders fall, so the
     table equals ``regionprops_table`` of the whole label image. Objects are grouped by the
     ``cell`` the top-left corner of their window falls in; each group's bounding region is read
-    once.
+    once, with ``read(region)`` (``(y0, y1, x0, x1)`` -> ``(h, w, C)``) if given.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for k, (x0, y0, _, _) in enumerate(kept.windows):
@@ -62,7 +62,9 @@ def measure_instances(kept, source, cell: int = 1024) -> pd.DataFrame:
         for k in ks:
             x0, y0, x1, y1 = (int(v) for v in kept.windows[k])
             local[y0 - ry0 + 1:y1 - ry0 + 1, x0 - rx0 + 1:x1 - rx0 + 1][kept.masks[k]] = k + 1
-        region = np.asarray(source.array[ry0:ry1, rx0:rx1].compute(), dtype=np.float64)
+        region = (read((ry0, ry1, rx0, rx1)) if read is not None
+                  else source.array[ry0:ry1, rx0:rx1].compute())
+        region = np.asarray(region, dtype=np.float64)
         image = np.zeros(local.shape + region.shape[2:], np.float64)
         image[1:-1, 1:-1] = region
         if image.shape[-1] == 1:

@@ -60,6 +60,8 @@ class SegmentationResult:
     table: Any
     objects: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: input chunks that could not be read and were segmented as zeros (``skip_corrupt``)
+    corrupt: list[str] = field(default_factory=list)
 
 
 class OutputLocked(RuntimeError):
@@ -113,19 +115,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000):
-    """Per-channel percentiles of the whole image, from a coarse level or a strided sample."""
+def _check_writable(root: Path) -> None:
+    """Fail early, with the fix, when the output cannot be written."""
+    probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"cannot write the output {root}: {probe} is read-only; pass a "
+                         "writable --out (output=)")
+
+
+def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
+                    skip_corrupt: bool = False):
+    """Per-channel percentiles of the whole image from a regular strided sample (the same
+    sample ``Model.segment`` takes of an in-memory image, so both normalise alike)."""
     h, w = src.shape
+    c = src.array.shape[2]
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
     try:
-        sample = np.asarray(src.array[::step, ::step].compute())
-    except Exception as err:  # codecs raise many types; find and name the broken chunk
-        raise InputError(f"cannot read {src.path or 'the image'}: "
-                         f"{_bad_chunk(src, (0, h, 0, w))} ({type(err).__name__}: {err})") \
-            from None
-    chw = np.moveaxis(sample, -1, 0).astype(np.float32)
+        sample = np.asarray(src.array[::step, ::step].compute()).reshape(-1, c)
+    except Exception:  # a corrupt chunk: sample chunk by chunk (named error, or skipped)
+        parts = []
+        for i, j, box in _chunks_in(src, (0, h, 0, w)):
+            oy, ox = (-box[0]) % step, (-box[2]) % step
+            try:
+                block = src.array[box[0] + oy:box[1]:step, box[2] + ox:box[3]:step].compute()
+            except Exception:  # this chunk is broken
+                if not skip_corrupt:
+                    raise InputError(f"cannot read {src.path or 'the image'}: "
+                                     f"{_chunk_name(src, i, j, box)} is corrupt; repair it, or "
+                                     "pass --skip-corrupt to segment around it") from None
+                continue
+            parts.append(np.asarray(block).reshape(-1, c))
+        sample = np.concatenate(parts) if parts else np.zeros((1, c))
+    chw = sample.T.astype(np.float32)[:, None, :]
     if not np.isfinite(chw).all():
-        raise InputError("the image has NaN or infinite pixels: replace them before segmenting")
+        raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
+                         "before segmenting")
     return percentile_range(chw, percentiles, max_samples)
 
 
@@ -140,30 +164,52 @@ def _fingerprint(src: ImageSource, model, tile, halo, scale, lo, hi) -> dict:
             "scale": scale, "lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
 
 
-def read_window(src: ImageSource, region: tuple[int, int, int, int]) -> np.ndarray:
-    """Pixels ``(h, w, C)`` of ``region`` ``(y0, y1, x0, x1)``; a chunk that cannot be decoded
-    raises :class:`InputError` naming it."""
-    y0, y1, x0, x1 = region
-    try:
-        return np.asarray(src.array[y0:y1, x0:x1].compute())
-    except Exception as err:  # codecs raise many types; find and name the broken chunk
-        raise InputError(f"cannot read {src.path or 'the image'}: {_bad_chunk(src, region)} "
-                         f"({type(err).__name__}: {err})") from None
-
-
-def _bad_chunk(src: ImageSource, region) -> str:
+def _chunks_in(src: ImageSource, region):
+    """``(i, j, (y0, y1, x0, x1))`` of the source chunks that intersect ``region``."""
     y0, y1, x0, x1 = region
     cy = np.cumsum((0,) + src.array.chunks[0])
     cx = np.cumsum((0,) + src.array.chunks[1])
     for i in range(np.searchsorted(cy, y0, "right") - 1, np.searchsorted(cy, y1, "left")):
         for j in range(np.searchsorted(cx, x0, "right") - 1, np.searchsorted(cx, x1, "left")):
-            try:
-                src.array[cy[i]:cy[i + 1], cx[j]:cx[j + 1]].compute()
-            except Exception:  # this one is broken
-                key = f"c/{i}/{j}" if src.zarr_format == 3 else f"{i}.{j}"
-                return (f"chunk ({i}, {j}) of the array (key {key}, pixels y {cy[i]}:{cy[i + 1]}, "
-                        f"x {cx[j]}:{cx[j + 1]}) is corrupt")
-    return f"region y {y0}:{y1}, x {x0}:{x1} could not be read"
+            yield i, j, (int(cy[i]), int(cy[i + 1]), int(cx[j]), int(cx[j + 1]))
+
+
+def _chunk_name(src: ImageSource, i: int, j: int, box) -> str:
+    key = {3: f"c/{i}/{j}", 2: f"{i}.{j}"}.get(src.zarr_format) if src.kind in (
+        "zarr", "ome-zarr") else None
+    where = f"pixels y {box[0]}:{box[1]}, x {box[2]}:{box[3]}"
+    return f"chunk ({i}, {j}) ({'key ' + key + ', ' if key else ''}{where})"
+
+
+def read_window(src: ImageSource, region: tuple[int, int, int, int],
+                skip_corrupt: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Pixels ``(h, w, C)`` of ``region`` ``(y0, y1, x0, x1)`` and the corrupt chunks met.
+
+    A chunk that cannot be decoded raises :class:`InputError` naming it, or, with
+    ``skip_corrupt``, reads as zeros and is reported.
+    """
+    y0, y1, x0, x1 = region
+    try:
+        return np.asarray(src.array[y0:y1, x0:x1].compute()), []
+    except Exception as err:  # codecs raise many types: find the broken chunks
+        first_error = f"{type(err).__name__}: {err}"
+    out = np.zeros((y1 - y0, x1 - x0, src.array.shape[2]), src.array.dtype)
+    corrupt = []
+    for i, j, box in _chunks_in(src, region):
+        iy0, iy1, ix0, ix1 = max(box[0], y0), min(box[1], y1), max(box[2], x0), min(box[3], x1)
+        try:
+            out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = src.array[iy0:iy1, ix0:ix1].compute()
+        except Exception:  # this chunk is broken
+            name = _chunk_name(src, i, j, box)
+            if not skip_corrupt:
+                raise InputError(f"cannot read {src.path or 'the image'}: {name} is corrupt "
+                                 f"({first_error}); repair or re-export it, or pass "
+                                 "--skip-corrupt to segment around it") from None
+            corrupt.append(name)
+    if not corrupt:
+        raise InputError(f"cannot read y {y0}:{y1}, x {x0}:{x1} of {src.path or 'the image'} "
+                         f"({first_error})")
+    return out, corrupt
 
 
 def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
@@ -174,8 +220,12 @@ def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
 
     y0, y1, x0, x1 = tile.window
     if window is None:
-        window = read_window(src, tile.window)
-    chw = apply_range(np.moveaxis(window, -1, 0).astype(np.float32), lo, hi)
+        window, _ = read_window(src, tile.window)
+    chw = np.moveaxis(window, -1, 0).astype(np.float32)
+    if not np.isfinite(chw).all():
+        raise InputError(f"the image has NaN or infinite pixels in y {y0}:{y1}, x {x0}:{x1}: "
+                         "replace them (e.g. with 0) before segmenting")
+    chw = apply_range(chw, lo, hi)
     if scale != 1.0:
         size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
         chw = F.interpolate(torch.from_numpy(chw)[None], size=size, mode="bilinear",
@@ -199,7 +249,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         device: str = "auto", batch_size: int | None = None, client=None, name: str = "cellmask",
         axes: str | None = None, channel: int | None = None, z: int | None = None,
         t: int | None = None, scale: float | None = None, measure: bool = True,
-        detector=None) -> Iterator[Progress | SegmentationResult]:
+        skip_corrupt: bool = False, detector=None) -> Iterator[Progress | SegmentationResult]:
     """Segment ``source`` into ``output``; yields progress events, then the result.
 
     ``detector(tile, window)``, if given, replaces the model's :func:`detect_tile`: it receives
@@ -220,12 +270,17 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         model = load_model(model or "nuclei", device=device)
     scale = _resolve_scale(scale, None, model.trained_diameter)
     root = _output_root(src, output)
-    lo, hi = intensity_range(src, model.config.norm_percentiles)
+    lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
     fmt = src.zarr_format if src.kind == "ome-zarr" and output is None else 3
-    group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
-                          pixel_size=src.pixel_size,
-                          source="../../" if (src.kind == "ome-zarr" and output is None)
-                          else (str(src.path) if src.path else None))
+    _check_writable(root)
+    try:
+        group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
+                              pixel_size=src.pixel_size,
+                              source="../../" if (src.kind == "ome-zarr" and output is None)
+                              else (str(src.path) if src.path else None))
+    except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+        raise InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); pass "
+                         "a writable --out (output=)") from None
     group_dir = root / "labels" / name
     run_dir = group_dir / ".run"
     (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
@@ -244,6 +299,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         t0 = time.perf_counter()
         px = 0
         wait_read = t_model = t_record = 0.0
+        corrupt: list[str] = list((read_json(run_dir / "corrupt.json") or []))
         if client is not None:
             from cellmask.distributed import run_tiles
 
@@ -256,12 +312,17 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         else:
             with ThreadPoolExecutor(1) as reader:  # read the next window while this one computes
                 def read(tl: Tile):
-                    return read_window(src, tl.window)
+                    return read_window(src, tl.window, skip_corrupt)
 
                 pending = reader.submit(read, todo[0]) if todo else None
                 for k, tl in enumerate(todo):
                     tw = time.perf_counter()
-                    window = pending.result()
+                    window, bad = pending.result()
+                    for name_ in bad:
+                        if name_ not in corrupt:
+                            corrupt.append(name_)
+                            log.warning("skipping corrupt %s: its pixels read as 0", name_)
+                            write_json_atomic(run_dir / "corrupt.json", corrupt)
                     pending = reader.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
                     td = time.perf_counter()
                     inst = (detector(tl, window) if detector is not None
@@ -296,10 +357,14 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         if measure:
             from cellmask.measure import measure_instances
 
-            table = measure_instances(kept, src, tile)
+            table = measure_instances(kept, src, tile,
+                                      read=lambda r: read_window(src, r, skip_corrupt)[0])
             table.to_parquet(group_dir / "measurements.parquet", index=False)
             table.to_csv(group_dir / "measurements.csv", index=False)
         t_measure = time.perf_counter() - t2
+        write_json_atomic(run_dir / "corrupt.json", corrupt)
+        if corrupt:  # mark them where every reader of the labels sees them
+            group.attrs["cellmask"] = {"corrupt_input_chunks": corrupt}
         write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
                                                  "objects": len(kept)})
     finally:
@@ -311,7 +376,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                "total": time.perf_counter() - t_start}
     yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
     yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table, len(kept),
-                             timings)
+                             timings, corrupt)
 
 
 def _check_halo(kept: InstanceSet, halo: int, scale: float) -> None:

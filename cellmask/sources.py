@@ -127,7 +127,7 @@ def open_image(source: Any, *, axes: str | None = None, channel: int | None = No
                                  "axes='CYX'")
         dtype = np.dtype(arr.dtype)
         if dtype == bool:
-            arr = da.asarray(arr).astype(np.uint8)
+            arr = arr.astype(np.uint8)
         elif not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
             raise InputError(f"image dtype {dtype} is not numeric")
         kind = "numpy" if isinstance(source, np.ndarray) else "dask"

@@ -85,3 +85,13 @@ def test_bad_scale(shipped_model):
                    {"scale": 1.0, "diameter": 20}):
         with pytest.raises(InputError):
             shipped_model.segment(image, **kwargs)
+
+
+def test_a_tiny_first_image_does_not_break_later_ones():
+    """RoI pooling scales are fixed at construction, not inferred from the first image."""
+    import cellmask
+
+    model = cellmask.load_model(device="cpu")
+    assert model.segment(np.zeros((1, 1), np.uint8)).max() == 0
+    image, truth = load_sample()
+    assert ap(truth, model.segment(image)) >= 0.8

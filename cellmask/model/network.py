@@ -28,6 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
 
 from cellmask.config import ModelConfig
 
@@ -152,6 +153,11 @@ def build_network(cfg: ModelConfig) -> MaskRCNN:
     levels = ["0", "1", "2", "pool"]
     box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=1)
     mask_pool = MultiScaleRoIAlign(levels, output_size=cfg.mask_roi_size, sampling_ratio=1)
+    for pool in (box_pool, mask_pool):
+        # torchvision infers the level scales from the first batch it sees and caches them: a
+        # first image of a few pixels would fix wrong scales for good. The strides are known.
+        pool.scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        pool.map_levels = initLevelMapper(2, 5, canonical_scale=224, canonical_level=4)
     box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_width)
     mask_head = _MaskHeads(cfg.fpn_channels, list(cfg.mask_head_layers), dilation=1,
                               norm_layer=nn.BatchNorm2d)
