@@ -30,7 +30,7 @@ def read_image(path: str | Path) -> np.ndarray:
         import imageio.v3 as iio
 
         return iio.imread(path)
-    except (ValueError, OSError, KeyError) as err:
+    except Exception as err:  # a parser meeting a broken file raises many types
         raise InputError(f"cannot read {path} as an image ({type(err).__name__}: {err}); "
                          "is it a complete TIFF/PNG/.npy file?") from None
 

@@ -190,7 +190,7 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
                 store = series.aszarr(level=level)
                 levels.append(da.from_zarr(zarr.open(store, mode="r")))
             ser_axes = series.axes
-        except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as err:
+        except Exception as err:  # a parser meeting a broken file raises many types
             raise InputError(f"cannot read {path} as a TIFF ({type(err).__name__}: {err}); is "
                              "the file complete?") from None
         ax = (axes or ser_axes).upper()
@@ -198,7 +198,11 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
                     for lv in levels)
         return ImageSource(red[0], red, kind="tiff", path=path)
     if suffix == ".npy":
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as err:  # a parser meeting a broken file raises many types
+            raise InputError(f"cannot read {path} as a .npy array ({type(err).__name__}: "
+                             f"{err})") from None
         src = open_image(da.from_array(arr), axes=axes,
                          channel=channel, z=z, t=t)
         return ImageSource(src.array, src.levels, kind="npy", path=path)
