@@ -14,6 +14,7 @@ on the same output while one is alive is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -367,6 +368,13 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             group.attrs["cellmask"] = {"corrupt_input_chunks": corrupt}
         write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
                                                  "objects": len(kept)})
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            finished = len(list((run_dir / "tiles").glob("*_*.npz")))
+            raise OSError(err.errno, f"the disk holding {root} is full ({err.strerror}); "
+                          f"{finished} tile results are saved: free some space and run the "
+                          "same command again to continue") from None
+        raise
     finally:
         lock.unlink(missing_ok=True)
     import dask.array as da
