@@ -343,7 +343,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
         c = model.config
         kept = resolve(InstanceSet.concatenate(parts), min_visible_fraction=c.min_visible_fraction,
-                       min_area=c.min_area, cell=tile)
+                       min_area=c.min_area)
         _check_halo(kept, halo, scale)
         index = SpatialIndex(kept, tile)
         level0 = group["0"]

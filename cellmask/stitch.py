@@ -81,45 +81,53 @@ def priority_order(inst: InstanceSet) -> np.ndarray:
 
 
 def resolve(inst: InstanceSet, *, min_visible_fraction: float = 0.5, min_area: int = 6,
-            cell: int = 256) -> InstanceSet:
-    """The kept instances, in id order (id = position + 1), with their visible (disjoint) masks."""
+            cell: int = 64) -> InstanceSet:
+    """The kept instances, in id order (id = position + 1), with their visible (disjoint) masks.
+
+    ``cell`` is the bucket size of the neighbour index: about the size of an object, so that
+    each instance is compared with a handful of neighbours, not with a whole tile's.
+    """
     order = priority_order(inst)
+    windows = inst.windows.tolist()
     grid: dict[tuple[int, int], list[int]] = defaultdict(list)
-    kept_w: list[np.ndarray] = []
+    kept_w: list[list[int]] = []
     kept_m: list[np.ndarray] = []
     kept_s: list[float] = []
-    for i in order:
-        w = inst.windows[i]
+    for i in order.tolist():
+        x0, y0, x1, y1 = windows[i]
         mask = inst.masks[i]
-        area = int(mask.sum())
+        area = int(np.count_nonzero(mask))
         if area < min_area:
             continue
-        free = mask.copy()
+        cells = [(cy, cx) for cy in range(y0 // cell, (max(y1, y0 + 1) - 1) // cell + 1)
+                 for cx in range(x0 // cell, (max(x1, x0 + 1) - 1) // cell + 1)]
+        free = mask
         seen: set[int] = set()
-        for c in _cells(w, cell):
+        for c in cells:
             for k in grid.get(c, ()):
                 if k in seen:
                     continue
                 seen.add(k)
-                kw = kept_w[k]
-                ix0, iy0 = max(w[0], kw[0]), max(w[1], kw[1])
-                ix1, iy1 = min(w[2], kw[2]), min(w[3], kw[3])
+                kx0, ky0, kx1, ky1 = kept_w[k]
+                ix0, iy0, ix1, iy1 = max(x0, kx0), max(y0, ky0), min(x1, kx1), min(y1, ky1)
                 if ix0 >= ix1 or iy0 >= iy1:
                     continue
-                free[iy0 - w[1]:iy1 - w[1], ix0 - w[0]:ix1 - w[0]] &= \
-                    ~kept_m[k][iy0 - kw[1]:iy1 - kw[1], ix0 - kw[0]:ix1 - kw[0]]
-        visible = int(free.sum())
+                if free is mask:
+                    free = mask.copy()
+                free[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] &= \
+                    ~kept_m[k][iy0 - ky0:iy1 - ky0, ix0 - kx0:ix1 - kx0]
+        visible = area if free is mask else int(np.count_nonzero(free))
         if visible < min_area or visible < min_visible_fraction * area:
             continue
         k = len(kept_w)
-        kept_w.append(w)
+        kept_w.append([x0, y0, x1, y1])
         kept_m.append(free)
         kept_s.append(float(inst.scores[i]))
-        for c in _cells(w, cell):
+        for c in cells:
             grid[c].append(k)
     if not kept_w:
         return InstanceSet.empty()
-    return InstanceSet(np.stack(kept_w), np.array(kept_s, np.float32), kept_m)
+    return InstanceSet(np.array(kept_w, np.int64), np.array(kept_s, np.float32), kept_m)
 
 
 class SpatialIndex:
