@@ -46,10 +46,10 @@ def _worker_model(blob: bytes, digest: str, meta: dict):
 
 def _task(blob, digest, meta, source, tile, lo, hi, scale, record: str) -> int:
     from cellmask.labels_store import save_npz_atomic
-    from cellmask.pipeline import detect_tile
+    from cellmask.pipeline import detect_tiles
 
     model = _worker_model(blob, digest, meta)
-    inst = detect_tile(model, source, tile, lo, hi, scale)
+    (inst,) = detect_tiles(model, source, [tile], lo, hi, scale)
     save_npz_atomic(Path(record), inst.to_arrays())
     return len(inst)
 

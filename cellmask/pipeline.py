@@ -213,17 +213,14 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
     return out, corrupt
 
 
-def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
-                window: np.ndarray | None = None) -> InstanceSet:
-    """The instances owned by ``tile``, as binary masks over pixel windows (level-0 frame)."""
+def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
+    """Raw ``(h, w, C)`` pixels -> the network's normalised (and rescaled) ``(3, h', w')``."""
     import torch
     import torch.nn.functional as F
 
-    y0, y1, x0, x1 = tile.window
-    if window is None:
-        window, _ = read_window(src, tile.window)
     chw = np.moveaxis(window, -1, 0).astype(np.float32)
     if not np.isfinite(chw).all():
+        y0, y1, x0, x1 = region
         raise InputError(f"the image has NaN or infinite pixels in y {y0}:{y1}, x {x0}:{x1}: "
                          "replace them (e.g. with 0) before segmenting")
     chw = apply_range(chw, lo, hi)
@@ -231,15 +228,28 @@ def detect_tile(model, src: ImageSource, tile: Tile, lo, hi, scale: float,
         size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
         chw = F.interpolate(torch.from_numpy(chw)[None], size=size, mode="bilinear",
                             antialias=scale < 1, align_corners=False)[0].numpy()
-    inst = model.detect(chw, tile=max(chw.shape[1:]) + 1, halo=0)
-    f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
-    inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0)
-    cy = (inst.boxes[:, 1] + inst.boxes[:, 3]) / 2
-    cx = (inst.boxes[:, 0] + inst.boxes[:, 2]) / 2
-    inst = inst.select(tile.owns(cy, cx))
-    windows = pixel_windows(inst.boxes, src.shape)
-    masks = local_masks(inst, windows, model.config.mask_thresh)
-    return InstanceSet(windows, inst.scores, masks)
+    return chw
+
+
+def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: float,
+                 windows: list[np.ndarray] | None = None) -> list[InstanceSet]:
+    """The instances each tile owns, as binary masks over pixel windows (level-0 frame); the
+    tiles go through the network in one batch."""
+    if windows is None:
+        windows = [read_window(src, t.window)[0] for t in tiles]
+    inputs = [_prepare(w, t.window, lo, hi, scale) for t, w in zip(tiles, windows)]
+    out = []
+    for t, chw, inst in zip(tiles, inputs, model.detect_batch(inputs)):
+        y0, y1, x0, x1 = t.window
+        f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
+        inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0)
+        cy = (inst.boxes[:, 1] + inst.boxes[:, 3]) / 2
+        cx = (inst.boxes[:, 0] + inst.boxes[:, 2]) / 2
+        inst = inst.select(t.owns(cy, cx))
+        boxes = pixel_windows(inst.boxes, src.shape)
+        out.append(InstanceSet(boxes, inst.scores,
+                               local_masks(inst, boxes, model.config.mask_thresh)))
+    return out
 
 
 def _record_path(run_dir: Path, tile: Tile) -> Path:
@@ -253,7 +263,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         skip_corrupt: bool = False, detector=None) -> Iterator[Progress | SegmentationResult]:
     """Segment ``source`` into ``output``; yields progress events, then the result.
 
-    ``detector(tile, window)``, if given, replaces the model's :func:`detect_tile`: it receives
+    ``detector(tile, window)``, if given, replaces the model's :func:`detect_tiles`: it receives
     a :class:`~cellmask.tiling.Tile` and its raw window ``(h, w, C)`` and returns the
     :class:`~cellmask.stitch.InstanceSet` the tile owns (used to test tiling and stitching with
     exact, model-free instances).
@@ -311,33 +321,41 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                 yield Progress("tiles", done, len(tiles), objects, px / 1e6,
                                time.perf_counter() - t0)
         else:
-            with ThreadPoolExecutor(1) as reader:  # read the next window while this one computes
-                def read(tl: Tile):
-                    return read_window(src, tl.window, skip_corrupt)
+            batch = max(1, batch_size or model.default_batch_size())
+            groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
+            with ThreadPoolExecutor(1) as reader:  # read the next batch while this one computes
+                def read(tiles_: list[Tile]):
+                    return [read_window(src, tl.window, skip_corrupt) for tl in tiles_]
 
-                pending = reader.submit(read, todo[0]) if todo else None
-                for k, tl in enumerate(todo):
+                pending = reader.submit(read, groups[0]) if groups else None
+                for k, batch_tiles in enumerate(groups):
                     tw = time.perf_counter()
-                    window, bad = pending.result()
-                    for name_ in bad:
-                        if name_ not in corrupt:
-                            corrupt.append(name_)
-                            log.warning("skipping corrupt %s: its pixels read as 0", name_)
-                            write_json_atomic(run_dir / "corrupt.json", corrupt)
-                    pending = reader.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+                    read_out = pending.result()
+                    pending = reader.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
+                    for _, bad in read_out:
+                        for name_ in bad:
+                            if name_ not in corrupt:
+                                corrupt.append(name_)
+                                log.warning("skipping corrupt %s: its pixels read as 0", name_)
+                                write_json_atomic(run_dir / "corrupt.json", corrupt)
+                    windows = [w for w, _ in read_out]
                     td = time.perf_counter()
-                    inst = (detector(tl, window) if detector is not None
-                            else detect_tile(model, src, tl, lo, hi, scale, window))
+                    if detector is not None:
+                        found = [detector(tl, w) for tl, w in zip(batch_tiles, windows)]
+                    else:
+                        found = detect_tiles(model, src, batch_tiles, lo, hi, scale, windows)
                     tr = time.perf_counter()
-                    save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
                     wait_read += td - tw
                     t_model += tr - td
-                    t_record += time.perf_counter() - tr
-                    done += 1
-                    objects += len(inst)
-                    px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                    yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                                   time.perf_counter() - t0)
+                    for tl, inst in zip(batch_tiles, found):
+                        t_w = time.perf_counter()
+                        save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                        t_record += time.perf_counter() - t_w
+                        done += 1
+                        objects += len(inst)
+                        px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                        yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                                       time.perf_counter() - t0)
         t_tiles = time.perf_counter() - t0
         t1 = time.perf_counter()
         parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]

@@ -330,3 +330,25 @@ def test_aperio_svs_region(tmp_path, shipped_model):
     result = cellmask.segment_zarr(svs, tmp_path / "o.zarr", model=shipped_model, tile=1024,
                                    progress=False, measure=False)
     assert result.objects > 500  # an H&E region full of nuclei
+
+
+def test_batched_tiles_give_the_same_labels(tmp_path, shipped_model):
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    one = cellmask.segment_zarr(image, tmp_path / "a.zarr", model=shipped_model, tile=256,
+                                halo=64, batch_size=1, progress=False, measure=False)
+    four = cellmask.segment_zarr(image, tmp_path / "b.zarr", model=shipped_model, tile=256,
+                                 halo=64, batch_size=4, progress=False, measure=False)
+    ev = Evaluation(thresholds=(0.9,))
+    ev.add(np.asarray(one.labels), np.asarray(four.labels))
+    assert ev.table()["ap"][0] >= 0.97  # batches pad tiles to one size: same objects
+
+
+def test_bf16_autocast_runs_and_agrees(shipped_model):
+    from cellmask.model.segmenter import Model
+
+    image, _ = load_fixture("fluo_29dd28df98ee")
+    bf16 = Model(shipped_model.net, shipped_model.config, meta=shipped_model.meta,
+                 precision="bf16")
+    ev = Evaluation(thresholds=(0.5,))
+    ev.add(shipped_model.segment(image), bf16.segment(image))
+    assert ev.table()["ap"][0] >= 0.9
