@@ -50,6 +50,10 @@ class ModelConfig:
     rpn_post_nms_test: int = 4000
     #: Detections kept per image (thousands: dense tiles hold thousands of nuclei).
     detections_per_image: int = 4000
+    #: If > 0, the proposal and detection budgets above are replaced by this many per megapixel
+    #: of the input (at least 500): a tile and the whole image then get the same budget per
+    #: area, so that tiled and whole-image results agree.
+    proposals_per_mpx: float = 6144.0
     #: Minimum class score of a detection.
     score_thresh: float = 0.5
     #: IoU of the per-class box NMS.

@@ -188,10 +188,17 @@ def build_network(cfg: ModelConfig) -> MaskRCNN:
     return net
 
 
-def set_inference_thresholds(net: MaskRCNN, cfg: ModelConfig) -> None:
-    """Apply the inference numbers of ``cfg`` to an existing network (no weights change)."""
+def set_inference_thresholds(net: MaskRCNN, cfg: ModelConfig, pixels: int = 0) -> None:
+    """Apply the inference numbers of ``cfg`` to an existing network (no weights change).
+
+    ``pixels``: the area of the (largest) input, for budgets set per megapixel.
+    """
     net.roi_heads.score_thresh = cfg.score_thresh
     net.roi_heads.nms_thresh = cfg.nms_thresh
-    net.roi_heads.detections_per_img = cfg.detections_per_image
-    net.rpn._pre_nms_top_n["testing"] = cfg.rpn_pre_nms_test
-    net.rpn._post_nms_top_n["testing"] = cfg.rpn_post_nms_test
+    post, pre, dets = cfg.rpn_post_nms_test, cfg.rpn_pre_nms_test, cfg.detections_per_image
+    if cfg.proposals_per_mpx > 0 and pixels > 0:
+        post = max(500, int(round(cfg.proposals_per_mpx * pixels / 1e6)))
+        pre, dets = int(1.5 * post), post
+    net.roi_heads.detections_per_img = dets
+    net.rpn._pre_nms_top_n["testing"] = pre
+    net.rpn._post_nms_top_n["testing"] = post

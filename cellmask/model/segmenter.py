@@ -60,7 +60,8 @@ class Model:
         With ``precision`` "bf16" or "fp16" the network runs under autocast; boxes, scores and
         masks come back as float32 either way.
         """
-        set_inference_thresholds(self.net, self.config)  # the net may be shared (with_config)
+        pixels = max(im.shape[-2] * im.shape[-1] for im in images) if images else 0
+        set_inference_thresholds(self.net, self.config, pixels)  # the net may be shared
         pin = self.device.type == "cuda"
         inputs = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         inputs = [(t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
