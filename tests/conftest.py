@@ -2,18 +2,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DATA = Path(__file__).parent / "data"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FIXTURES = ["fluo_29dd28df98ee", "fluo_e23e11414ee6", "histo_0e4c2e2780de"]
+from fixtures import FIXTURES, SHARED, load_fixture  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -31,10 +26,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "data" in item.keywords and not SHARED.is_dir():
             item.add_marker(skip_data)
-
-
-def load_fixture(name: str) -> tuple[np.ndarray, np.ndarray]:
-    return tifffile.imread(DATA / f"{name}.tif"), tifffile.imread(DATA / f"{name}_masks.tif")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import zarr
 
 import cellmask
 from cellmask.cli import main
-from conftest import load_fixture
+from fixtures import load_fixture
 
 
 def cli(capsys, *args):

@@ -12,7 +12,7 @@ import pytest
 
 import cellmask
 from cellmask import labels_store
-from conftest import load_fixture
+from fixtures import load_fixture
 
 RUN = ("import sys, cellmask; cellmask.segment_zarr(sys.argv[1], sys.argv[2], tile=128, halo=48, "
        "progress=False)")

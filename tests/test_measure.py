@@ -4,7 +4,7 @@ import pytest
 from skimage.measure import regionprops_table
 
 from cellmask.measure import measure
-from conftest import load_fixture
+from fixtures import load_fixture
 
 
 def test_equals_regionprops_table():

@@ -17,7 +17,7 @@ import cellmask
 from cellmask.metrics import Evaluation
 from cellmask.pipeline import OutputLocked, run
 from cellmask.stitch import InstanceSet
-from conftest import load_fixture
+from fixtures import load_fixture
 
 
 def oracle(truth):
@@ -322,7 +322,7 @@ def test_pyramidal_bigtiff(tmp_path, shipped_model):
 
 @pytest.mark.data
 def test_aperio_svs_region(tmp_path, shipped_model):
-    from conftest import SHARED
+    from fixtures import SHARED
 
     svs = SHARED / "cmu1_he_region" / "CMU-1-Small-Region.svs"
     src = cellmask.sources.open_image(svs)

@@ -121,7 +121,7 @@ def test_truncated_files_are_refused(tmp_path, cut):
     from cellmask import InputError
     from cellmask.pipeline import read_window
     from cellmask.sources import open_image
-    from conftest import load_fixture
+    from fixtures import load_fixture
 
     image, _ = load_fixture("fluo_29dd28df98ee")
     full = tmp_path / "f.tif"

@@ -6,7 +6,7 @@ import pytest
 from cellmask import InputError
 from cellmask.metrics import Evaluation
 from cellmask.samples import load_sample
-from conftest import FIXTURES, load_fixture
+from fixtures import FIXTURES, load_fixture
 
 # Lower bounds of AP@0.5 per image, set below what the shipped model measures (model card)
 # so that a real regression fails while a change of thread count does not.
