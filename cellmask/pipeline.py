@@ -30,6 +30,7 @@ import numpy as np
 
 from cellmask.labels_store import (create_labels, labels_level0, read_json, save_npz_atomic,
                                    write_json_atomic, write_pyramid)
+from cellmask.memory import limit_arenas, trim
 from cellmask.model.paint import Instances, local_masks, pixel_windows
 from cellmask.normalize import InputError, apply_range, percentile_range
 from cellmask.sources import ImageSource, open_image
@@ -323,6 +324,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         else:
             batch = max(1, batch_size or model.default_batch_size())
             groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
+            limit_arenas()  # before the reading thread starts: see cellmask.memory
             with ThreadPoolExecutor(1) as reader:  # read the next batch while this one computes
                 def read(tiles_: list[Tile]):
                     return [read_window(src, tl.window, skip_corrupt) for tl in tiles_]
@@ -344,6 +346,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                         found = [detector(tl, w) for tl, w in zip(batch_tiles, windows)]
                     else:
                         found = detect_tiles(model, src, batch_tiles, lo, hi, scale, windows)
+                    del windows, read_out
+                    trim()
                     tr = time.perf_counter()
                     wait_read += td - tw
                     t_model += tr - td
