@@ -4,7 +4,7 @@
 # the data that travels is limited). Writes to $OUT:
 # nuclei_gpu.safetensors, train.log, results.txt, gpu.txt.
 #   prepare here:   bash benchmarks/gpu_prepare.sh
-#   run there:      bash benchmarks/gpu_train.sh          (carry: .gpu)
+#   run there:      bash benchmarks/gpu_train.sh          (carry: .gpu/whl_train and .gpu/dsb2018)
 #   try on a CPU:   DEVICE=cpu ITERS=4 MINUTES=1 BATCH=2 WORKERS=0 SPLIT_EVAL=val bash benchmarks/gpu_train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import monai" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu/whl/*.whl
+        --target /tmp/site .gpu/whl_train/*.whl
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 DATA=${DATA:-.gpu/dsb2018}
