@@ -6,22 +6,11 @@
 #   prepare here:   bash benchmarks/gpu_prepare.sh
 #   run there:      bash benchmarks/gpu_train.sh          (carry: .gpu/whl_train and .gpu/dsb2018)
 #   try on a CPU:   DEVICE=cpu ITERS=4 MINUTES=1 BATCH=2 WORKERS=0 SPLIT_EVAL=val bash benchmarks/gpu_train.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! "$PY" -c "import monai" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu/whl_train/*.whl
-    export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh" .gpu/whl_train "monai"
 DATA=${DATA:-.gpu/dsb2018}
 DEVICE=${DEVICE:-cuda}
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU: $DEVICE") \
     | tee "$OUT/gpu.txt"
-export PYTHONUNBUFFERED=1
 "$PY" -m cellmask --quiet train --data "$DATA" --split splits/train.txt --out "$OUT/run" \
     --init cellmask/weights/nuclei.safetensors --iterations "${ITERS:-4000}" \
     --batch-size "${BATCH:-16}" --lr "${LR:-1e-3}" --warmup 200 --max-minutes "${MINUTES:-8}" \
