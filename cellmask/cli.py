@@ -60,6 +60,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="network arithmetic (default: the library's)")
     p.add_argument("--scheduler", help="address of a dask.distributed scheduler")
     p.add_argument("--axes", help="axes of the input, e.g. CYX (default: from metadata)")
     p.add_argument("--channel", type=int, help="channel to segment")
@@ -79,7 +81,11 @@ def _run_segment(args: argparse.Namespace) -> int:
         from dask.distributed import Client
 
         client = Client(args.scheduler)
-    result = segment_zarr(args.input, args.out, model=args.model, tile=args.tile,
+    from cellmask.model.segmenter import load_model
+
+    model = load_model(args.model, device=args.device,
+                       **({"precision": args.precision} if args.precision else {}))
+    result = segment_zarr(args.input, args.out, model=model, tile=args.tile,
                           halo=args.halo, device=args.device, batch_size=args.batch_size,
                           client=client, progress=not args.quiet, axes=args.axes,
                           channel=args.channel, z=args.z, t=args.t, scale=args.scale,
@@ -97,6 +103,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="split list, e.g. splits/fluo_test.txt")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--csv", help="also write the table here")
     p.set_defaults(func=_run_evaluate)
 
@@ -105,7 +112,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from cellmask.evaluate import evaluate_split, format_table
     from cellmask.model.segmenter import load_model
 
-    ev = evaluate_split(load_model(args.model, device=args.device), args.data, args.split)
+    model = load_model(args.model, device=args.device,
+                       **({"precision": args.precision} if args.precision else {}))
+    ev = evaluate_split(model, args.data, args.split)
     print(f"{args.split}: {ev.images} images, pooled over objects")
     print(format_table(ev))
     s = ev.summary()

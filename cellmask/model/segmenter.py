@@ -32,10 +32,12 @@ class Model:
     def __init__(self, net: torch.nn.Module, config: ModelConfig, *, name: str = "",
                  meta: dict[str, str] | None = None, device: torch.device | str = "cpu",
                  precision: str = "fp32"):
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
-        self.precision = precision
         self.device = pick_device(device)
+        if precision == "auto":
+            precision = auto_precision(self.device)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        self.precision = precision
         self.net = net.to(self.device).eval()
         self.config = config
         self.name = name
@@ -148,12 +150,25 @@ def _resolve_scale(scale: float | None, diameter: float | None, trained: float) 
     return float(scale)
 
 
+def auto_precision(device: torch.device) -> str:
+    """bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX-512 BF16 or
+    AMX), else fp32 (fp16 on GPUs without bf16)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
 def load_model(name_or_path: str | Path = "nuclei", device: str = "auto",
                precision: str = "fp32") -> Model:
     """Load a named shipped model (default ``"nuclei"``) or a ``.safetensors`` file.
 
-    ``precision``: "fp32", or "bf16" / "fp16" to run the network under autocast (GPUs, and CPUs
-    with bf16 instructions).
+    ``precision``: "fp32", "bf16" or "fp16" (the network under autocast), or "auto"
+    (:func:`auto_precision`).
     """
     path = resolve(name_or_path)
     state, config, meta = load_weights(path)
