@@ -79,8 +79,12 @@ class _Backbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(cfg.stage_widths), cfg.fpn_channels,
                                          extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
         self.out_channels = cfg.fpn_channels
+        #: NHWC activations: faster convolutions on CPUs (oneDNN), set by ``Model``.
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.fpn(self.body(x))
 
 

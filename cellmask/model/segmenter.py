@@ -39,6 +39,9 @@ class Model:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
         self.precision = precision
         self.net = net.to(self.device).eval()
+        if self.device.type == "cpu":  # NHWC convolutions are faster with oneDNN (measured)
+            self.net.backbone.channels_last = True
+            self.net.backbone.to(memory_format=torch.channels_last)
         self.config = config
         self.name = name
         self.meta = dict(meta or {})
