@@ -121,3 +121,16 @@ def test_with_config_shares_weights(tiny_config):
     m = Model(build_network(tiny_config), tiny_config)
     m2 = m.with_config(score_thresh=0.9)
     assert m2.net is m.net and m2.config.score_thresh == 0.9 and m.config.score_thresh == 0.5
+
+
+def test_header_length_that_looks_like_pickle_magic_still_loads(tmp_path, tiny_config):
+    """A safetensors header length whose low byte is 0x80 is not a pickle."""
+    net = build_network(tiny_config)
+    for k in range(512):
+        path = save_weights(tmp_path / "w.safetensors", net.state_dict(), tiny_config,
+                            {"pad": "x" * k})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    state, cfg, meta = load_weights(path)
+    assert cfg == tiny_config and len(meta["pad"]) == k

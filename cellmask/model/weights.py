@@ -46,19 +46,19 @@ def read_header(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if any(head.startswith(m) for m in _PICKLE_MAGIC):
-            raise WeightsError(f"{path} is a pickle/torch.save file, which cellmask never loads "
-                               "(it can run arbitrary code); convert it to safetensors with "
-                               "safetensors.torch.save_file on a machine you trust")
-        if len(head) < 8:
-            raise WeightsError(f"{path} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        size = path.stat().st_size
-        if length > size - 8 or length > 100_000_000:
-            raise WeightsError(f"{path} is not a valid safetensors file (header length {length} "
-                               f"for a file of {size} bytes): truncated or not safetensors")
+        head = fh.read(9)
+        length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        looks_safetensors = head[8:9] == b"{" and 0 < length <= min(size - 8, 100_000_000)
+        if not looks_safetensors:
+            if any(head.startswith(m) for m in _PICKLE_MAGIC):
+                raise WeightsError(f"{path} is a pickle/torch.save file, which cellmask never "
+                                   "loads (it can run arbitrary code); convert it to safetensors "
+                                   "with safetensors.torch.save_file on a machine you trust")
+            raise WeightsError(f"{path} is not a valid safetensors file (truncated, or another "
+                               "format)")
+        fh.seek(8)
         try:
             header = json.loads(fh.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
