@@ -109,6 +109,10 @@ def test_broken_and_mismatched_weights_refused(tmp_path, tiny_config):
     save_weights(tmp_path / "missing.safetensors", state, tiny_config)
     with pytest.raises(WeightsError, match="missing"):
         load_model(tmp_path / "missing.safetensors", device="cpu")
+    extra = {**net.state_dict(), "backdoor.weight": torch.zeros(3)}
+    save_weights(tmp_path / "extra.safetensors", extra, tiny_config)
+    with pytest.raises(WeightsError, match="1 unexpected"):
+        load_model(tmp_path / "extra.safetensors", device="cpu")
     # tensors of the tiny net declared as the default architecture: refused, not half-loaded
     save_weights(tmp_path / "card.safetensors", net.state_dict(), ModelConfig())
     with pytest.raises(WeightsError):

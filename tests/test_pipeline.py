@@ -199,14 +199,15 @@ def test_resume_after_sigkill_gives_identical_labels(tmp_path, shipped_model):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len([p for p in tiles.glob("*.npz") if ".tmp" not in p.name])
-    assert 0 < done_before < 30  # killed mid-run (30 tiles in all)
-    t0 = time.perf_counter()
+    finished = {p: p.stat().st_mtime_ns for p in tiles.glob("*_*.npz") if ".tmp" not in p.name}
+    assert 0 < len(finished) < 30  # killed mid-run (30 tiles in all)
     resumed = cellmask.segment_zarr(src, tmp_path / "killed.zarr", model=shipped_model, tile=128,
                                     halo=48, progress=False)
     assert np.array_equal(np.asarray(resumed.labels), np.asarray(clean.labels))
     assert resumed.table.equals(clean.table)
     assert json.loads((tiles.parent / "run.json").read_text())["state"] == "done"
+    # finished tiles were not redone: their records are untouched
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
 
 
 @pytest.mark.parametrize("kind", ["numpy", "dask", "npy", "tiff", "zarr", "ome-zarr-0.5",
