@@ -353,3 +353,13 @@ def test_bf16_autocast_runs_and_agrees(shipped_model):
     ev = Evaluation(thresholds=(0.5,))
     ev.add(shipped_model.segment(image), bf16.segment(image))
     assert ev.table()["ap"][0] >= 0.9
+
+
+def test_objects_larger_than_the_halo_are_reported(tmp_path, caplog):
+    truth = np.zeros((200, 200), np.int32)
+    truth[disk((100, 100), 40)] = 1  # 81 px across, halo 32
+    with caplog.at_level("WARNING"):
+        cellmask.segment_zarr((truth > 0).astype(np.uint8), tmp_path / "o.zarr", tile=96,
+                              halo=32, progress=False, detector=oracle(truth),
+                              model=_tiny_model(), measure=False)
+    assert any("--halo 96" in r.message for r in caplog.records)
