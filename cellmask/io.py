@@ -66,10 +66,7 @@ def write_ome_zarr(path: str | Path, image: np.ndarray, labels: np.ndarray,
 
 
 def read_ome_zarr_labels(path: str | Path, name: str = LABELS_NAME) -> np.ndarray:
-    """The level-0 labels of ``labels/<name>`` in an OME-Zarr written by cellmask."""
-    import zarr
+    """The level-0 labels of ``labels/<name>`` in an OME-Zarr, in memory."""
+    from cellmask.labels_store import labels_level0
 
-    group = zarr.open_group(str(Path(path) / "labels" / name), mode="r")
-    attrs = group.attrs.asdict()
-    ms = (attrs.get("ome", attrs))["multiscales"][0]
-    return np.asarray(group[ms["datasets"][0]["path"]])
+    return np.asarray(labels_level0(path, name))
