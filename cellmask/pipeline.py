@@ -243,10 +243,7 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
     for t, chw, inst in zip(tiles, inputs, model.detect_batch(inputs)):
         y0, y1, x0, x1 = t.window
         f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
-        inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0)
-        cy = (inst.boxes[:, 1] + inst.boxes[:, 3]) / 2
-        cx = (inst.boxes[:, 0] + inst.boxes[:, 2]) / 2
-        inst = inst.select(t.owns(cy, cx))
+        inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0).owned_by(t)
         boxes = pixel_windows(inst.boxes, src.shape)
         out.append(InstanceSet(boxes, inst.scores,
                                local_masks(inst, boxes, model.config.mask_thresh)))

@@ -31,6 +31,12 @@ class Instances:
         """The subset ``keep`` (boolean mask or indices) of every field at once."""
         return Instances(self.boxes[keep], self.scores[keep], self.masks[keep])
 
+    def owned_by(self, tile) -> "Instances":
+        """The instances whose box centre lies in the core of ``tile`` (same frame)."""
+        cy = (self.boxes[:, 1] + self.boxes[:, 3]) / 2
+        cx = (self.boxes[:, 0] + self.boxes[:, 2]) / 2
+        return self.select(tile.owns(cy, cx))
+
     def shifted(self, dy: float, dx: float) -> "Instances":
         """The same instances in a frame whose origin is at ``(-dy, -dx)`` of this one."""
         offset = np.array([dx, dy, dx, dy], dtype=np.float32)
@@ -103,26 +109,14 @@ def paint(inst: Instances, shape: tuple[int, int], *, mask_thresh: float = 0.5,
           first_id: int = 1) -> np.ndarray:
     """Paint instances into an int32 label image of ``shape``, highest score first.
 
-    A pixel claimed by a higher-scoring object is never repainted; an object that keeps less than
+    The same rule as whole-slide stitching (:func:`cellmask.stitch.resolve`): a pixel claimed by
+    a higher-scoring object is never repainted; an object that keeps less than
     ``min_visible_fraction`` of its own mask, or fewer than ``min_area`` pixels, is dropped (a
     duplicate or a fragment). Ids are consecutive from ``first_id`` in score order.
     """
-    labels = np.zeros(shape, dtype=np.int32)
-    if len(inst) == 0:
-        return labels
-    order = np.lexsort((inst.boxes[:, 0], inst.boxes[:, 1], -inst.scores))  # score, then position
-    inst = inst.select(order)
+    from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
+
     windows = pixel_windows(inst.boxes, shape)
-    next_id = first_id
-    for (x0, y0, x1, y1), mask in zip(windows, local_masks(inst, windows, mask_thresh)):
-        area = int(mask.sum())
-        if area < min_area:
-            continue
-        region = labels[y0:y1, x0:x1]
-        free = mask & (region == 0)
-        visible = int(free.sum())
-        if visible < min_area or visible < min_visible_fraction * area:
-            continue
-        region[free] = next_id
-        next_id += 1
-    return labels
+    kept = resolve(InstanceSet(windows, inst.scores, local_masks(inst, windows, mask_thresh)),
+                   min_visible_fraction=min_visible_fraction, min_area=min_area)
+    return paint_region(kept, SpatialIndex(kept, 256), (0, shape[0], 0, shape[1]), first_id)

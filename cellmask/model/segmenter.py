@@ -99,10 +99,7 @@ class Model:
             batch = tiles[start:start + batch_size]
             crops = [chw[:, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in batch]
             for t, inst in zip(batch, self.detect_batch(crops)):
-                inst = inst.shifted(t.window[0], t.window[2])
-                cy = (inst.boxes[:, 1] + inst.boxes[:, 3]) / 2
-                cx = (inst.boxes[:, 0] + inst.boxes[:, 2]) / 2
-                parts.append(inst.select(t.owns(cy, cx)))
+                parts.append(inst.shifted(t.window[0], t.window[2]).owned_by(t))
         return Instances.concatenate(parts, 2 * self.config.mask_roi_size)
 
     def paint(self, inst: Instances, shape: tuple[int, int]) -> np.ndarray:
