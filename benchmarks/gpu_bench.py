@@ -3,7 +3,7 @@
 For each size, a mosaic of real nuclei (tiled from ``benchmarks/mosaic.py``'s 2048 mosaic, so
 building a 16k image takes seconds) is written to a Zarr array and segmented with
 ``segment_zarr`` (Zarr in, NGFF labels out); model-only throughput is the network alone on a
-batch of 1024 px tiles. Each precision (fp32, bf16) is measured in the same run.
+batch of 1024 px tiles. Each precision (fp32, mixed, bf16) is measured in the same run.
 
     python benchmarks/gpu_bench.py --sizes 8192 16384 --device cuda --out $OUT
 """
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "mixed", "bf16"])
     p.add_argument("--out", default=".")
     args = p.parse_args()
     import zarr

@@ -60,8 +60,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="network arithmetic (default: the library's)")
+    p.add_argument("--workers", type=int,
+                   help="tile batches in the network at once (default: 2 on a multi-core CPU, "
+                        "1 on a GPU)")
+    p.add_argument("--precision", default=None,
+                   choices=["auto", "fp32", "mixed", "bf16", "fp16"],
+                   help="network arithmetic (default auto: mixed where the hardware has native "
+                        "half precision, else fp32)")
     p.add_argument("--scheduler", help="address of a dask.distributed scheduler")
     p.add_argument("--axes", help="axes of the input, e.g. CYX (default: from metadata)")
     p.add_argument("--channel", type=int, help="channel to segment")
@@ -89,7 +94,8 @@ def _run_segment(args: argparse.Namespace) -> int:
                           halo=args.halo, device=args.device, batch_size=args.batch_size,
                           client=client, progress=not args.quiet, axes=args.axes,
                           channel=args.channel, z=args.z, t=args.t, scale=args.scale,
-                          name=args.name, skip_corrupt=args.skip_corrupt)
+                          name=args.name, skip_corrupt=args.skip_corrupt,
+                          workers=args.workers)
     for chunk in result.corrupt:
         print(f"cellmask: warning: corrupt input {chunk} was segmented as empty", file=sys.stderr)
     log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
@@ -103,7 +109,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="split list, e.g. splits/fluo_test.txt")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "mixed", "bf16", "fp16"])
     p.add_argument("--csv", help="also write the table here")
     p.set_defaults(func=_run_evaluate)
 
@@ -130,13 +136,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="../shared/data/dsb2018")
     p.add_argument("--split", default="splits/val.txt", help="validation split (never test)")
     p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix an inference setting of the model configuration before tuning, "
+                        "e.g. --set proposals_per_mpx=3072 (repeatable)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from cellmask.train.export import export_model
+    from cellmask.train.export import export_model, parse_settings
 
-    path, best = export_model(args.weights, args.data, args.split, args.out)
+    path, best = export_model(args.weights, args.data, args.split, args.out,
+                              settings=parse_settings(args.set))
     print(f"wrote {path}: {best}")
     return 0
 

@@ -54,6 +54,12 @@ class ModelConfig:
     #: of the input (at least 500): a tile and the whole image then get the same budget per
     #: area, so that tiled and whole-image results agree.
     proposals_per_mpx: float = 6144.0
+    #: Minimum objectness of a region proposal. Proposals are then set by the image content
+    #: rather than only by the per-area budget (background costs nothing), and the budget
+    #: stays a cap for the densest tiles.
+    rpn_score_thresh: float = 0.0
+    #: IoU of the region proposals' NMS (per FPN level).
+    rpn_nms_thresh: float = 0.7
     #: Minimum class score of a detection.
     score_thresh: float = 0.5
     #: IoU of the per-class box NMS.
@@ -86,6 +92,12 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+#: The settings of :class:`ModelConfig` that change inference only (not the weights' shapes).
+INFERENCE_SETTINGS = ("rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_image",
+                      "proposals_per_mpx", "rpn_score_thresh", "rpn_nms_thresh", "score_thresh",
+                      "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area")
 
 
 def _tuplify(value: Any) -> Any:

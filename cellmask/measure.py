@@ -11,33 +11,170 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from skimage.measure import regionprops_table
+from scipy.spatial import ConvexHull, QhullError
+from skimage.morphology import convex_hull_image
 
 SHAPE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity", "perimeter",
                     "axis_major_length", "axis_minor_length", "orientation")
 INTENSITY_PROPERTIES = ("intensity_mean", "intensity_min", "intensity_max")
 
+# skimage.measure.perimeter (4-neighbourhood): weights of the codes of border pixels.
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+
 
 def measure(labels: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per object of ``labels`` ``(H, W)``; ``image`` ``(H, W)`` or ``(H, W, C)``."""
+    """One row per object of ``labels`` ``(H, W)``; ``image`` ``(H, W)`` or ``(H, W, C)``.
+
+    The values are those of ``skimage.measure.regionprops_table`` (same definitions, tested to
+    1e-6), computed for all objects at once with array reductions instead of one Python
+    object per region. Only the convex hull behind ``solidity`` is computed per object.
+    ``orientation`` is +-pi/2 alike for objects whose axes are exactly along the image axes
+    (the sign there depends on rounding, in regionprops too).
+    """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D (H, W), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer array, got {labels.dtype}")
-    props = list(SHAPE_PROPERTIES)
     intensity = None
     if image is not None:
         intensity = np.asarray(image)
         if intensity.shape[:2] != labels.shape:
             raise ValueError(f"image {intensity.shape} and labels {labels.shape} differ in size")
-        intensity = intensity.astype(np.float64, copy=False)
-        props += INTENSITY_PROPERTIES
-    table = pd.DataFrame(regionprops_table(labels, intensity_image=intensity, properties=props))
+    padded = np.pad(labels.astype(np.int64, copy=False), 1)
     if intensity is not None:
-        for col in [c for c in table.columns if c.startswith("intensity_mean")]:
-            table[col.replace("intensity_mean", "intensity_sum")] = table[col] * table["area"]
+        intensity = np.pad(intensity.astype(np.float64, copy=False),
+                           ((1, 1), (1, 1)) + ((0, 0),) * (intensity.ndim - 2))
+    table = _measure_padded(padded, intensity)
+    for col in ("centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3"):
+        table[col] -= 1
     return table
+
+
+def _measure_padded(lab: np.ndarray, image: np.ndarray | None) -> pd.DataFrame:
+    """Measurements of ``lab`` ``(H, W)`` int, whose outermost rows and columns are 0.
+
+    Coordinates are in ``lab``'s frame. ``image``: ``(H, W)`` or ``(H, W, C)`` float64 or None.
+    """
+    h, w = lab.shape
+    flat = lab.ravel()
+    pix = np.flatnonzero(flat)
+    ids = flat[pix]
+    order = np.argsort(ids, kind="stable")  # by label, then raster order inside each label
+    pix, ids = pix[order], ids[order]
+    label, starts, area = np.unique(ids, return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(label)), area)
+    r, c = (pix // w).astype(np.float64), (pix % w).astype(np.float64)
+    cr = np.add.reduceat(r, starts) / area if len(label) else np.zeros(0)
+    cc = np.add.reduceat(c, starts) / area if len(label) else np.zeros(0)
+    dr, dc = r - cr[group], c - cc[group]
+    mu20, mu02, mu11 = (_sums(v, starts) for v in (dr * dr, dc * dc, dr * dc))
+    # inertia tensor [[a, b], [b, c]] as regionprops builds it from the central moments
+    a, b, cz = mu02 / area, -mu11 / area, mu20 / area
+    half_trace, root = (a + cz) / 2, np.sqrt(((a - cz) / 2) ** 2 + b ** 2)
+    l1 = np.clip(half_trace + root, 0, None)
+    l2 = np.clip(half_trace - root, 0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ecc = np.where(l1 == 0, 0.0, np.sqrt(np.clip(1 - l2 / np.where(l1 == 0, 1, l1), 0, 1)))
+    orientation = np.where(a - cz == 0, np.where(b < 0, np.pi / 4, -np.pi / 4),
+                           0.5 * np.arctan2(-2 * b, cz - a))
+    rows, cols = pix // w, pix % w
+    bbox = (_reduce(np.minimum, rows, starts), _reduce(np.minimum, cols, starts),
+            _reduce(np.maximum, rows, starts) + 1, _reduce(np.maximum, cols, starts) + 1)
+    table = {"label": label, "area": area.astype(np.float64), "centroid-0": cr,
+             "centroid-1": cc, "bbox-0": bbox[0], "bbox-1": bbox[1], "bbox-2": bbox[2],
+             "bbox-3": bbox[3], "eccentricity": ecc,
+             "solidity": _solidity(lab, label, bbox, area),
+             "perimeter": _perimeters(lab, label),
+             "axis_major_length": 4 * np.sqrt(l1), "axis_minor_length": 4 * np.sqrt(l2),
+             "orientation": orientation}
+    if image is not None:
+        values = image.reshape(h * w, -1)[pix]
+        channels = values.shape[1]
+        for k in range(channels):
+            suffix = f"-{k}" if image.ndim == 3 else ""
+            v = values[:, k]
+            table[f"intensity_mean{suffix}"] = _sums(v, starts) / area
+            table[f"intensity_min{suffix}"] = _reduce(np.minimum, v, starts)
+            table[f"intensity_max{suffix}"] = _reduce(np.maximum, v, starts)
+        for k in range(channels):
+            suffix = f"-{k}" if image.ndim == 3 else ""
+            table[f"intensity_sum{suffix}"] = table[f"intensity_mean{suffix}"] * area
+    return pd.DataFrame(table)
+
+
+def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(values, starts) if len(starts) else np.zeros(0)
+
+
+def _reduce(ufunc, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return ufunc.reduceat(values, starts) if len(starts) else np.zeros(0, values.dtype)
+
+
+def _perimeters(lab: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """``skimage.measure.perimeter(obj, 4)`` of every object at once.
+
+    A pixel is a border pixel of its object when a 4-neighbour belongs to another label; its
+    code is 1 + 2 x (4-neighbours that are border pixels of the same object) + 10 x (diagonal
+    ones), which is what skimage's convolution of each object's own border image gives there.
+    """
+    h, w = lab.shape
+    flat = lab.ravel()
+    px = np.flatnonzero(flat)
+    own = flat[px]
+    inner = np.ones(len(px), bool)
+    for d in (-w, w, -1, 1):
+        inner &= flat[px + d] == own
+    border = np.zeros(flat.shape, bool)
+    bpx = px[~inner]
+    border[bpx] = True
+    bown = flat[bpx]
+    code = np.ones(len(bpx), np.int64)
+    for d, weight in ((-w, 2), (w, 2), (-1, 2), (1, 2), (-w - 1, 10), (-w + 1, 10),
+                      (w - 1, 10), (w + 1, 10)):
+        code += weight * (border[bpx + d] & (flat[bpx + d] == bown))
+    index = np.searchsorted(label, bown)
+    return np.bincount(index, weights=_PERIMETER_WEIGHTS[code], minlength=len(label))
+
+
+def _solidity(lab: np.ndarray, label: np.ndarray, bbox, area: np.ndarray) -> np.ndarray:
+    """area / convex area, as regionprops defines it: the convex area counts the pixel centres
+    inside or on the convex hull of the pixels' edge midpoints (``convex_hull_image``)."""
+    out = np.empty(len(label))
+    for k, (value, r0, c0, r1, c1) in enumerate(zip(label, *bbox)):
+        out[k] = area[k] / _convex_area(lab[r0:r1, c0:c1] == value)
+    return out
+
+
+def _convex_area(mask: np.ndarray) -> int:
+    """``np.count_nonzero(skimage.morphology.convex_hull_image(mask))`` for a 2-D mask.
+
+    Hull vertices are row extremes, so only the first and last pixel of each row and their
+    four edge midpoints are hulled (skimage hulls every row and column extreme). Objects whose
+    pixels are all collinear, where Qhull fails, are handed to skimage.
+    """
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) < 2 or mask.shape[1] < 2:
+        return int(np.count_nonzero(convex_hull_image(mask)))
+    sub = mask[rows]
+    first = sub.argmax(1)
+    last = sub.shape[1] - 1 - sub[:, ::-1].argmax(1)
+    r = np.concatenate([rows, rows]).astype(np.float64)
+    c = np.concatenate([first, last]).astype(np.float64)
+    pts = np.concatenate([np.stack([r + dr, c + dc], 1)
+                          for dr, dc in ((-0.5, 0), (0.5, 0), (0, -0.5), (0, 0.5))])
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:
+        return int(np.count_nonzero(convex_hull_image(mask)))
+    # facets as a.x + b <= 0 inside; pixel centres on the boundary count (tolerance as skimage)
+    eq = hull.equations
+    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    inside = (eq[:, 0, None] * yy.ravel() + eq[:, 1, None] * xx.ravel() + eq[:, 2, None]) <= 1e-9
+    return int(np.count_nonzero(inside.all(0)))
 
 
 def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame:
@@ -69,7 +206,7 @@ def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame
         image[1:-1, 1:-1] = region
         if image.shape[-1] == 1:
             image = image[..., 0]
-        table = measure(local, image)
+        table = _measure_padded(local.astype(np.int64), image)
         for col, off in (("centroid-0", ry0 - 1), ("centroid-1", rx0 - 1), ("bbox-0", ry0 - 1),
                          ("bbox-1", rx0 - 1), ("bbox-2", ry0 - 1), ("bbox-3", rx0 - 1)):
             table[col] += off

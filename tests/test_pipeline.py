@@ -363,3 +363,21 @@ def test_objects_larger_than_the_halo_are_reported(tmp_path, caplog):
                               halo=32, progress=False, detector=oracle(truth),
                               model=_tiny_model(), measure=False)
     assert any("--halo 96" in r.message for r in caplog.records)
+
+
+def test_parallel_tile_workers_give_the_same_labels(tmp_path, shipped_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    runs = [cellmask.segment_zarr(image, tmp_path / f"{w}.zarr", model=shipped_model, tile=256,
+                                  halo=64, workers=w, progress=False, measure=False)
+            for w in (1, 2, 3)]
+    first = np.asarray(runs[0].labels)
+    assert first.max() > 20
+    for r in runs[1:]:
+        assert np.array_equal(first, np.asarray(r.labels))
+    # the workers' thread settings do not leak into threads started afterwards
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(torch.get_num_threads).result() == torch.get_num_threads()

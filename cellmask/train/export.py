@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+from cellmask.config import INFERENCE_SETTINGS, ModelConfig
 from cellmask.model.segmenter import load_model
+from cellmask.normalize import InputError
 from cellmask.model.weights import save_weights
 from cellmask.train.tune import tune_thresholds
 
 log = logging.getLogger(__name__)
 
 
+def parse_settings(items: list[str]) -> dict[str, float]:
+    """``["key=value", ...]`` -> numeric :class:`ModelConfig` inference settings."""
+    numeric = set(INFERENCE_SETTINGS)
+    settings: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in numeric:
+            raise InputError(f"--set takes KEY=VALUE with KEY a numeric model setting "
+                             f"({', '.join(sorted(numeric))}), got {item!r}")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            raise InputError(f"--set {key}: {value!r} is not a number") from None
+    return settings
+
+
 def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
-                 out: str | Path, *, trained_diameter: float = 20.0) -> tuple[Path, dict]:
+                 out: str | Path, *, trained_diameter: float = 20.0,
+                 settings: dict[str, float] | None = None) -> tuple[Path, dict]:
     """Tune the inference thresholds of ``weights`` on ``split`` and write ``out``.
 
+    ``settings``: inference settings fixed before tuning (proposal budgets, for instance).
     Returns the written path and the tuned thresholds (with the objective they reached).
     """
     model = load_model(weights, device="cpu")
+    if settings:
+        types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+        model = model.with_config(**{k: int(v) if types[k] == "int" else float(v)
+                                     for k, v in settings.items()})
     best, value = tune_thresholds(model, data_dir, split)
     config = model.config.replace(**best)
     meta = {k: v for k, v in model.meta.items() if k not in ("format", "config")}
     meta.update({"trained_diameter": str(trained_diameter), "tuned_on": str(split),
+                 "fixed_settings": json.dumps(settings or {}),
                  "tuned_thresholds": json.dumps(best), "tuning_objective": f"{value:.4f}"})
     path = save_weights(out, model.net.state_dict(), config, meta)
     log.info("exported %s with thresholds %s (ap50+ap75 on %s = %.4f)", path, best, split, value)
