@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +304,10 @@ class _TileWorkers:
         # default of threads started later: set it in every worker, restore it in finish()
         torch.set_num_threads(self.threads)
         self._local.model = self.model.with_config() if self.workers > 1 else self.model
+        # on a GPU each worker queues its copies and kernels on its own CUDA stream, so one
+        # batch's host-to-device copy and post-processing overlap another batch's compute
+        cuda = self.model.device.type == "cuda" and self.workers > 1
+        self._local.stream = torch.cuda.Stream(self.model.device) if cuda else None
 
     def finish(self) -> None:
         import torch
@@ -316,8 +320,12 @@ class _TileWorkers:
         if self.detector is not None:
             found = [self.detector(tl, w) for tl, w in zip(tiles, windows)]
         else:
-            found = detect_tiles(self._local.model, self.src, tiles, self.lo, self.hi,
-                                 self.scale, windows, own)
+            import torch
+
+            stream = self._local.stream
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                found = detect_tiles(self._local.model, self.src, tiles, self.lo, self.hi,
+                                     self.scale, windows, own)
         with self._lock:
             self.seconds += time.perf_counter() - t0
             for key, value in own.items():
