@@ -381,3 +381,18 @@ def test_parallel_tile_workers_give_the_same_labels(tmp_path, shipped_model):
     # the workers' thread settings do not leak into threads started afterwards
     with ThreadPoolExecutor(1) as ex:
         assert ex.submit(torch.get_num_threads).result() == torch.get_num_threads()
+
+
+def test_error_in_one_tile_worker_stops_the_run_cleanly(tmp_path, shipped_model):
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    image = np.tile(image, (4, 4)).astype(np.float32)  # 5.8 Mpx: intensities sampled 1 in 4
+    image[1301, 2001] = np.nan  # one pixel the sample misses, in one tile
+    kwargs = dict(model=shipped_model, tile=512, halo=64, workers=2, progress=False)
+    with pytest.raises(cellmask.InputError, match="NaN or infinite pixels in y 960:1600, x 1472:2112"):
+        cellmask.segment_zarr(image, tmp_path / "o.zarr", **kwargs)
+    run_dir = tmp_path / "o.zarr/labels/cellmask/.run"
+    saved = len(list((run_dir / "tiles").glob("*.npz")))
+    assert not (run_dir / "lock").exists() and saved < 30  # 5 x 6 tiles
+    image[1301, 2001] = 0  # repaired: the same command finishes, keeping the saved tiles
+    result = cellmask.segment_zarr(image, tmp_path / "o.zarr", measure=False, **kwargs)
+    assert result.objects > 1000 and len(list((run_dir / "tiles").glob("*.npz"))) == 30
