@@ -64,10 +64,11 @@ class SegmentationResult:
     labels: Any
     table: Any
     objects: int
-    #: Seconds: "setup" (opening, intensity range, output), "tiles" (all tiles, of which
-    #: "model" per batch = "prepare" normalising + "network" + "masks" box-local masks to
-    #: pixels, plus "read_wait" and "records"), "stitch_paint" (resolution, painting, pyramid),
-    #: "measure" and "total".
+    #: Seconds: "setup" (opening, intensity range, output), "tiles" (wall time of all tiles),
+    #: "model" (worker-seconds: "prepare" normalising + "network" + "masks" box-local masks to
+    #: pixels), "network_wall" (wall time with at least one worker in the network),
+    #: "read_wait", "records", "stitch_paint" (resolution, painting, pyramid), "measure",
+    #: "total".
     timings: dict[str, float] = field(default_factory=dict)
     #: input chunks that could not be read and were segmented as zeros (``skip_corrupt``)
     corrupt: list[str] = field(default_factory=list)
@@ -241,10 +242,12 @@ def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
 
 def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: float,
                  windows: list[np.ndarray] | None = None,
-                 timings: dict[str, float] | None = None) -> list[InstanceSet]:
+                 timings: dict[str, float] | None = None,
+                 on_network=None) -> list[InstanceSet]:
     """The instances each tile owns, as binary masks over pixel windows (level-0 frame); the
     tiles go through the network in one batch. ``timings``, if given, accumulates the seconds
-    spent in "prepare" (normalising), "network" and "masks" (box-local masks to pixels)."""
+    spent in "prepare" (normalising), "network" and "masks" (box-local masks to pixels);
+    ``on_network(start, end)``, if given, receives the network's time interval."""
     clock = timings if timings is not None else {}
     t0 = time.perf_counter()
     if windows is None:
@@ -262,6 +265,8 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
         out.append(InstanceSet(boxes, inst.scores,
                                local_masks(inst, boxes, model.config.mask_thresh)))
     t3 = time.perf_counter()
+    if on_network is not None:
+        on_network(t1, t2)
     for key, seconds in (("prepare", t1 - t0), ("network", t2 - t1), ("masks", t3 - t2)):
         clock[key] = clock.get(key, 0.0) + seconds
     return out
@@ -294,6 +299,7 @@ class _TileWorkers:
         self.total = torch.get_num_threads()
         self.threads = max(1, self.total // workers)
         self.split, self.seconds = split, 0.0
+        self.spans: list[tuple[float, float]] = []
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -314,6 +320,15 @@ class _TileWorkers:
 
         torch.set_num_threads(self.total)
 
+    def network_wall(self) -> float:
+        """Seconds during which at least one worker was in the network."""
+        total, end = 0.0, -np.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
     def detect(self, tiles: list[Tile], windows: list[np.ndarray]) -> list[InstanceSet]:
         t0 = time.perf_counter()
         own: dict[str, float] = {}
@@ -325,7 +340,8 @@ class _TileWorkers:
             stream = self._local.stream
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 found = detect_tiles(self._local.model, self.src, tiles, self.lo, self.hi,
-                                     self.scale, windows, own)
+                                     self.scale, windows, own,
+                                     lambda a, b: self.spans.append((a, b)))
         with self._lock:
             self.seconds += time.perf_counter() - t0
             for key, value in own.items():
@@ -417,15 +433,15 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                 def read(tiles_: list[Tile]):
                     return [read_window(src, tl.window, skip_corrupt) for tl in tiles_]
 
-                # reading runs ahead of the network by one batch; up to ``n_workers`` batches
-                # are in the network at once (tiles are independent; records are per tile)
-                reads = deque(reader.submit(read, g) for g in groups[:n_workers + 1])
+                # reading runs ahead of the network; up to ``n_workers`` batches are in the
+                # network at once (tiles are independent; records are per tile)
+                reads = deque(reader.submit(read, g) for g in groups[:n_workers + 2])
                 running: deque = deque()
                 for k, batch_tiles in enumerate(groups):
                     tw = time.perf_counter()
                     read_out = reads.popleft().result()
-                    if k + n_workers + 1 < len(groups):
-                        reads.append(reader.submit(read, groups[k + n_workers + 1]))
+                    if k + n_workers + 2 < len(groups):
+                        reads.append(reader.submit(read, groups[k + n_workers + 2]))
                     wait_read += time.perf_counter() - tw
                     for _, bad in read_out:
                         for name_ in bad:
@@ -436,7 +452,9 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                     running.append((batch_tiles, pool.submit(
                         compute.detect, batch_tiles, [w for w, _ in read_out])))
                     del read_out
-                    while running and (len(running) >= n_workers or k == len(groups) - 1):
+                    # one batch more than workers in flight: a worker that finishes finds
+                    # its next batch queued while this thread saves the finished one
+                    while running and (len(running) > n_workers or k == len(groups) - 1):
                         tiles_done, future = running.popleft()
                         found = future.result()
                         trim()
@@ -450,6 +468,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                             yield Progress("tiles", done, len(tiles), objects, px / 1e6,
                                            time.perf_counter() - t0)
             t_model = compute.seconds
+            split["network_wall"] = compute.network_wall()
         t_tiles = time.perf_counter() - t0
         t1 = time.perf_counter()
         parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
