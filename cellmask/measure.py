@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import ConvexHull, QhullError
-from skimage.morphology import convex_hull_image
 
 SHAPE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity", "perimeter",
                     "axis_major_length", "axis_minor_length", "orientation")
@@ -30,7 +28,7 @@ def measure(labels: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame
 
     The values are those of ``skimage.measure.regionprops_table`` (same definitions, tested to
     1e-6), computed for all objects at once with array reductions instead of one Python
-    object per region. Only the convex hull behind ``solidity`` is computed per object.
+    object per region (convex hulls included).
     ``orientation`` is +-pi/2 alike for objects whose axes are exactly along the image axes
     (the sign there depends on rounding, in regionprops too).
     """
@@ -87,7 +85,7 @@ def _measure_padded(lab: np.ndarray, image: np.ndarray | None) -> pd.DataFrame:
     table = {"label": label, "area": area.astype(np.float64), "centroid-0": cr,
              "centroid-1": cc, "bbox-0": bbox[0], "bbox-1": bbox[1], "bbox-2": bbox[2],
              "bbox-3": bbox[3], "eccentricity": ecc,
-             "solidity": _solidity(lab, label, bbox, area),
+             "solidity": area / _convex_areas(group, rows, cols, len(label), bbox),
              "perimeter": _perimeters(lab, label),
              "axis_major_length": 4 * np.sqrt(l1), "axis_minor_length": 4 * np.sqrt(l2),
              "orientation": orientation}
@@ -140,41 +138,97 @@ def _perimeters(lab: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.bincount(index, weights=_PERIMETER_WEIGHTS[code], minlength=len(label))
 
 
-def _solidity(lab: np.ndarray, label: np.ndarray, bbox, area: np.ndarray) -> np.ndarray:
-    """area / convex area, as regionprops defines it: the convex area counts the pixel centres
-    inside or on the convex hull of the pixels' edge midpoints (``convex_hull_image``)."""
-    out = np.empty(len(label))
-    for k, (value, r0, c0, r1, c1) in enumerate(zip(label, *bbox)):
-        out[k] = area[k] / _convex_area(lab[r0:r1, c0:c1] == value)
+def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
+                  bbox) -> np.ndarray:
+    """``count_nonzero(convex_hull_image(obj))`` of every object, all objects at once.
+
+    ``group``/``rows``/``cols``: object index and pixel coordinates of every object pixel,
+    grouped by object and in raster order inside each. skimage hulls the edge midpoints of the
+    pixels and counts the pixel centres inside or on the hull; a hull's left side at height y
+    is the lower convex envelope of the leftmost midpoints there (and its right side the upper
+    envelope of the rightmost ones), so each object needs only its row extremes on a half-pixel
+    grid of heights. The envelopes are built by Andrew's monotone chain run in lockstep over
+    all objects of similar height, then read at the pixel rows.
+    """
+    out = np.zeros(n, np.int64)
+    if n == 0:
+        return out
+    r0 = bbox[0]
+    height = bbox[2] - r0
+    # leftmost and rightmost column of each (object, row) run
+    key = group * (int(rows.max()) + 1) + rows
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    last = np.r_[first[1:], len(key)] - 1
+    run_obj, run_row = group[first], rows[first] - r0[group[first]]
+    for lo, hi in ((1, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 1 << 62)):
+        members = np.flatnonzero((height >= lo) & (height <= hi))
+        if len(members) == 0:
+            continue
+        h = int(height[members].max())
+        slot = np.full(n, -1)
+        slot[members] = np.arange(len(members))
+        sel = slot[run_obj] >= 0
+        left = np.full((len(members), h), np.inf)
+        right = np.full((len(members), h), -np.inf)
+        left[slot[run_obj[sel]], run_row[sel]] = cols[first[sel]]
+        right[slot[run_obj[sel]], run_row[sel]] = cols[last[sel]]
+        xl = _envelope(_half_grid(left, np.fmin, -0.5))
+        xr = -_envelope(_half_grid(-right, np.fmin, -0.5))
+        counts = np.floor(xr + 1e-9) - np.ceil(xl - 1e-9) + 1
+        inside = np.arange(h)[None] < height[members][:, None]
+        out[members] = np.where(inside, np.clip(counts, 0, None), 0).sum(1).astype(np.int64)
     return out
 
 
-def _convex_area(mask: np.ndarray) -> int:
-    """``np.count_nonzero(skimage.morphology.convex_hull_image(mask))`` for a 2-D mask.
+def _half_grid(edge: np.ndarray, pick, offset: float) -> np.ndarray:
+    """Row extremes ``(m, h)`` (inf: no pixel) -> the hull's candidate x on the heights
+    -0.5, 0, 0.5, ..., h - 0.5 ``(m, 2h + 1)``: pixel-centre rows get the side midpoint
+    (``edge + offset``), half rows the top/bottom midpoints of the rows on either side."""
+    m, h = edge.shape
+    grid = np.full((m, 2 * h + 1), np.inf)
+    grid[:, 1::2] = edge + offset
+    pad = np.full((m, 1), np.inf)
+    grid[:, 0::2] = pick(np.hstack([pad, edge]), np.hstack([edge, pad]))
+    return grid
 
-    Hull vertices are row extremes, so only the first and last pixel of each row and their
-    four edge midpoints are hulled (skimage hulls every row and column extreme). Objects whose
-    pixels are all collinear, where Qhull fails, are handed to skimage.
-    """
-    rows = np.flatnonzero(mask.any(1))
-    if len(rows) < 2 or mask.shape[1] < 2:
-        return int(np.count_nonzero(convex_hull_image(mask)))
-    sub = mask[rows]
-    first = sub.argmax(1)
-    last = sub.shape[1] - 1 - sub[:, ::-1].argmax(1)
-    r = np.concatenate([rows, rows]).astype(np.float64)
-    c = np.concatenate([first, last]).astype(np.float64)
-    pts = np.concatenate([np.stack([r + dr, c + dc], 1)
-                          for dr, dc in ((-0.5, 0), (0.5, 0), (0, -0.5), (0, 0.5))])
-    try:
-        hull = ConvexHull(pts)
-    except QhullError:
-        return int(np.count_nonzero(convex_hull_image(mask)))
-    # facets as a.x + b <= 0 inside; pixel centres on the boundary count (tolerance as skimage)
-    eq = hull.equations
-    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
-    inside = (eq[:, 0, None] * yy.ravel() + eq[:, 1, None] * xx.ravel() + eq[:, 2, None]) <= 1e-9
-    return int(np.count_nonzero(inside.all(0)))
+
+def _envelope(f: np.ndarray) -> np.ndarray:
+    """Lower convex envelope of each row of ``f`` ``(m, k)`` (inf = no point), evaluated at the
+    odd positions 1, 3, ... (the pixel rows): Andrew's monotone chain, all rows in lockstep."""
+    m, k = f.shape
+    sx = np.zeros((m, k))
+    sy = np.zeros((m, k))
+    size = np.zeros(m, np.int64)
+    rows = np.arange(m)
+    for t in range(k):
+        active = np.isfinite(f[:, t])
+        y = np.where(active, f[:, t], 0.0)
+        while True:
+            can = active & (size >= 2)
+            i1 = np.where(can, size - 1, 0)
+            i0 = np.where(can, size - 2, 0)
+            x0, y0 = sx[rows, i0], sy[rows, i0]
+            x1, y1 = sx[rows, i1], sy[rows, i1]
+            pop = can & ((x1 - x0) * (y - y0) - (y1 - y0) * (t - x0) <= 0)
+            if not pop.any():
+                break
+            size -= pop
+        idx = np.where(active, size, 0)
+        sx[rows[active], idx[active]] = t
+        sy[rows[active], idx[active]] = y[active]
+        size += active
+    # read the chain at the odd positions
+    q = np.arange(1, k, 2)
+    valid = np.arange(k)[None] < size[:, None]
+    below = (sx[:, None, :] <= q[None, :, None]) & valid[:, None, :]
+    seg = np.clip(below.sum(2) - 1, 0, np.maximum(size - 2, 0)[:, None])
+    xa = np.take_along_axis(sx, seg, 1)
+    ya = np.take_along_axis(sy, seg, 1)
+    nxt = np.minimum(seg + 1, np.maximum(size - 1, 0)[:, None])
+    xb = np.take_along_axis(sx, nxt, 1)
+    yb = np.take_along_axis(sy, nxt, 1)
+    span = np.where(xb > xa, xb - xa, 1.0)
+    return ya + (yb - ya) * np.clip((q[None] - xa) / span, 0, 1)
 
 
 def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame:

@@ -30,7 +30,7 @@ def test_equals_regionprops_table():
 
 
 def test_equals_regionprops_on_awkward_shapes():
-    from skimage.draw import polygon
+    from skimage.draw import ellipse, polygon
 
     rng = np.random.default_rng(0)
     _assert_equals_regionprops(rng.integers(0, 5, (40, 50)))  # fragmented, multi-part labels
@@ -40,10 +40,14 @@ def test_equals_regionprops_on_awkward_shapes():
     lines[10:12, 10] = 9
     lines[20, 20] = 11  # one pixel
     _assert_equals_regionprops(lines, rng.random((30, 30, 2)))
-    shapes = np.zeros((200, 200), np.int32)
+    shapes = np.zeros((300, 300), np.int32)
     for i in range(40):  # random, overlapping, concave and convex polygons
-        rr, cc = polygon(rng.uniform(0, 200, 5), rng.uniform(0, 200, 5), shapes.shape)
+        rr, cc = polygon(rng.uniform(0, 300, 5), rng.uniform(0, 300, 5), shapes.shape)
         shapes[rr, cc] = i + 1
+    rr, cc = ellipse(150, 150, 140, 6, shapes.shape, rotation=0.3)  # 280 rows, thin, tilted
+    shapes[rr, cc] = 41
+    rr, cc = np.nonzero(rng.random((17, 13)) < 0.3)  # speckles: one label, many parts
+    shapes[rr + 5, cc + 250] = 42
     _assert_equals_regionprops(shapes)
 
 
