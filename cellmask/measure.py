@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from skimage.morphology import convex_hull_image
 
 SHAPE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity", "perimeter",
                     "axis_major_length", "axis_minor_length", "orientation")
@@ -139,7 +140,7 @@ def _perimeters(lab: np.ndarray, label: np.ndarray) -> np.ndarray:
 
 
 def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
-                  bbox) -> np.ndarray:
+                  bbox, lockstep_min: int = 24) -> np.ndarray:
     """``count_nonzero(convex_hull_image(obj))`` of every object, all objects at once.
 
     ``group``/``rows``/``cols``: object index and pixel coordinates of every object pixel,
@@ -148,7 +149,8 @@ def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
     is the lower convex envelope of the leftmost midpoints there (and its right side the upper
     envelope of the rightmost ones), so each object needs only its row extremes on a half-pixel
     grid of heights. The envelopes are built by Andrew's monotone chain run in lockstep over
-    all objects of similar height, then read at the pixel rows.
+    all objects of similar height, then read at the pixel rows. Height classes with fewer than
+    ``lockstep_min`` objects are hulled one by one by skimage itself.
     """
     out = np.zeros(n, np.int64)
     if n == 0:
@@ -163,6 +165,13 @@ def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
     for lo, hi in ((1, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 1 << 62)):
         members = np.flatnonzero((height >= lo) & (height <= hi))
         if len(members) == 0:
+            continue
+        if len(members) < lockstep_min:  # a few tall objects: lockstep steps cost more
+            for k in members:
+                sel = slice(*np.searchsorted(group, [k, k + 1]))
+                mask = np.zeros((height[k], bbox[3][k] - bbox[1][k]), bool)
+                mask[rows[sel] - r0[k], cols[sel] - bbox[1][k]] = True
+                out[k] = np.count_nonzero(convex_hull_image(mask))
             continue
         h = int(height[members].max())
         slot = np.full(n, -1)

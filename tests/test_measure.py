@@ -64,3 +64,38 @@ def test_bad_labels():
         measure(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="differ in size"):
         measure(np.zeros((4, 4), np.int32), np.zeros((5, 4)))
+
+
+def test_lockstep_convex_areas_equal_skimage_hulls():
+    from skimage.draw import ellipse, polygon
+    from skimage.morphology import convex_hull_image
+
+    from cellmask.measure import _convex_areas
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((400, 400), np.int32)
+    for i in range(120):  # polygons, ellipses and speckles from 1 to 200 rows tall
+        kind = i % 3
+        if kind == 0:
+            rr, cc = polygon(rng.uniform(0, 400, 6), rng.uniform(0, 400, 6), labels.shape)
+        elif kind == 1:
+            rr, cc = ellipse(rng.uniform(0, 400), rng.uniform(0, 400), rng.uniform(0.5, 100),
+                             rng.uniform(0.5, 30), labels.shape, rotation=rng.uniform(0, 3))
+        else:
+            rr, cc = np.nonzero(rng.random((rng.integers(1, 25), rng.integers(1, 25))) < 0.3)
+            rr, cc = rr + rng.integers(0, 370), cc + rng.integers(0, 370)
+        labels[rr, cc] = i + 1
+    ids = np.unique(labels)[1:]
+    order = np.argsort(labels.ravel(), kind="stable")
+    order = order[labels.ravel()[order] > 0]
+    group = np.searchsorted(ids, labels.ravel()[order])
+    rows, cols = order // labels.shape[1], order % labels.shape[1]
+    bbox = tuple(np.array(v) for v in zip(*[(rows[group == k].min(), cols[group == k].min(),
+                                              rows[group == k].max() + 1,
+                                              cols[group == k].max() + 1)
+                                             for k in range(len(ids))]))
+    want = [np.count_nonzero(convex_hull_image(labels[r0:r1, c0:c1] == v))
+            for v, r0, c0, r1, c1 in zip(ids, *bbox)]
+    for lockstep_min in (0, 10**9):  # every class in lockstep; every object by skimage
+        got = _convex_areas(group, rows, cols, len(ids), bbox, lockstep_min=lockstep_min)
+        assert got.tolist() == want
