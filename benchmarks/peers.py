@@ -14,6 +14,7 @@ Images: mosaics of 256x256 crops of real DSB2018 fluorescence nuclei from the de
 * Cellpose (``benchmarks/peer_cellpose.py``, optional extra ``cellpose<4``): random weights,
   for timing only (no AP is reported for it).
 
+    bash benchmarks/peers_setup.sh       # the peers' environments; StarDist trained (115 min)
     python benchmarks/peers.py --sizes 2048 4096 \\
         --stardist-python /path/to/peers-venv/bin/python --stardist-model runs/peers/stardist \\
         --cellpose-python /path/to/cellpose-venv/bin/python

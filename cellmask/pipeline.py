@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from cellmask.normalize import InputError, apply_range, percentile_range
 from cellmask.sources import ImageSource, open_image
 from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
 from cellmask.tiling import Tile, plan_tiles
+from cellmask.workers import ModelThreads
 
 log = logging.getLogger(__name__)
 
@@ -273,53 +273,27 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
     return out
 
 
-@contextmanager
-def _finally(action):
-    try:
-        yield
-    finally:
-        action()
+class _TileTimer:
+    """What the tile workers spent: worker-seconds per step, and the network's intervals."""
 
-
-class _TileWorkers:
-    """Runs :func:`detect_tiles` in worker threads, each with its own copy of the inference
-    network and ``torch threads / workers`` threads.
-
-    On a CPU, two tiles in flight with one thread each beat one tile with two threads (the
-    network has many small and single-threaded steps: NMS, RoI bookkeeping, Python glue;
-    measured 1.25x on 2 cores); per-thread networks keep the per-area proposal budgets of
-    one tile from leaking into another's.
-    """
-
-    def __init__(self, model, workers: int, detector, src, lo, hi, scale,
-                 split: dict[str, float]):
-        import torch
-
-        self.model, self.workers, self.detector = model, workers, detector
-        self.src, self.lo, self.hi, self.scale = src, lo, hi, scale
-        self.total = torch.get_num_threads()
-        self.threads = max(1, self.total // workers)
+    def __init__(self, split: dict[str, float]):
         self.split, self.seconds = split, 0.0
         self.spans: list[tuple[float, float]] = []
-        self._local = threading.local()
         self._lock = threading.Lock()
 
-    def start_thread(self) -> None:
-        import torch
-
-        # OpenMP's thread count is per thread, but torch also keeps the last value set as the
-        # default of threads started later: set it in every worker, restore it in finish()
-        torch.set_num_threads(self.threads)
-        self._local.model = self.model.with_config() if self.workers > 1 else self.model
-        # on a GPU each worker queues its copies and kernels on its own CUDA stream, so one
-        # batch's host-to-device copy and post-processing overlap another batch's compute
-        cuda = self.model.device.type == "cuda" and self.workers > 1
-        self._local.stream = torch.cuda.Stream(self.model.device) if cuda else None
-
-    def finish(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.total)
+    def detect(self, model, detector, src, tiles, windows, lo, hi, scale) -> list[InstanceSet]:
+        t0 = time.perf_counter()
+        own: dict[str, float] = {}
+        if detector is not None:
+            found = [detector(tl, w) for tl, w in zip(tiles, windows)]
+        else:
+            found = detect_tiles(model, src, tiles, lo, hi, scale, windows, own,
+                                 lambda a, b: self.spans.append((a, b)))
+        with self._lock:
+            self.seconds += time.perf_counter() - t0
+            for key, value in own.items():
+                self.split[key] = self.split.get(key, 0.0) + value
+        return found
 
     def network_wall(self) -> float:
         """Seconds during which at least one worker was in the network."""
@@ -329,25 +303,6 @@ class _TileWorkers:
                 total += b - max(a, end)
                 end = b
         return total
-
-    def detect(self, tiles: list[Tile], windows: list[np.ndarray]) -> list[InstanceSet]:
-        t0 = time.perf_counter()
-        own: dict[str, float] = {}
-        if self.detector is not None:
-            found = [self.detector(tl, w) for tl, w in zip(tiles, windows)]
-        else:
-            import torch
-
-            stream = self._local.stream
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                found = detect_tiles(self._local.model, self.src, tiles, self.lo, self.hi,
-                                     self.scale, windows, own,
-                                     lambda a, b: self.spans.append((a, b)))
-        with self._lock:
-            self.seconds += time.perf_counter() - t0
-            for key, value in own.items():
-                self.split[key] = self.split.get(key, 0.0) + value
-        return found
 
 
 def _record_path(run_dir: Path, tile: Tile) -> Path:
@@ -428,9 +383,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
             n_workers = max(1, int(workers or model.default_workers()))
             limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
-            compute = _TileWorkers(model, n_workers, detector, src, lo, hi, scale, split)
-            with _finally(compute.finish), ThreadPoolExecutor(1) as reader, \
-                    ThreadPoolExecutor(n_workers, initializer=compute.start_thread) as pool:
+            timer = _TileTimer(split)
+            with ThreadPoolExecutor(1) as reader, ModelThreads(model, n_workers) as pool:
                 def read(tiles_: list[Tile]):
                     return [read_window(src, tl.window, skip_corrupt) for tl in tiles_]
 
@@ -452,7 +406,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                                 log.warning("skipping corrupt %s: its pixels read as 0", name_)
                                 write_json_atomic(run_dir / "corrupt.json", corrupt)
                     running.append((batch_tiles, pool.submit(
-                        compute.detect, batch_tiles, [w for w, _ in read_out])))
+                        timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
+                        lo, hi, scale)))
                     del read_out
                     # one batch more than workers in flight: a worker that finishes finds
                     # its next batch queued while this thread saves the finished one
@@ -471,8 +426,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                             px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
                             yield Progress("tiles", done, len(tiles), objects, px / 1e6,
                                            time.perf_counter() - t0)
-            t_model = compute.seconds
-            split["network_wall"] = compute.network_wall()
+            t_model = timer.seconds
+            split["network_wall"] = timer.network_wall()
         t_tiles = time.perf_counter() - t0
         t1 = time.perf_counter()
         parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]

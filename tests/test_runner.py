@@ -108,3 +108,17 @@ def test_mixed_precision_matches_fp32_or_is_refused(shipped_model):
     acc[1].add(truth, b)
     assert abs(acc[0].table()["ap"][0] - acc[1].table()["ap"][0]) <= 0.02
     assert np.array_equal(np.unique(a), np.arange(a.max() + 1))
+
+
+def test_in_memory_segment_with_tile_workers_is_identical(shipped_model):
+    import threading
+
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    one = shipped_model.segment(image, tile=256, workers=1)
+    two = shipped_model.segment(image, tile=256, workers=2)
+    assert one.max() > 20 and np.array_equal(one, two)
+    seen = []  # the caller's thread count is back for threads started later
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [torch.get_num_threads()]

@@ -102,21 +102,32 @@ class Model:
         return 1 if self.device.type == "cpu" else 8
 
     def detect(self, chw: np.ndarray, *, tile: int = 1024, halo: int = 64,
-               batch_size: int | None = None) -> Instances:
+               batch_size: int | None = None, workers: int | None = None) -> Instances:
         """Instances of a normalised float32 ``(3, H, W)`` image, in its pixel frame.
 
         Images larger than ``tile`` are cut into tiles (core + ``halo``); each instance is kept
         only by the tile whose core holds its box centre, so none is lost or counted twice when
-        objects are smaller than the halo. ``batch_size`` tiles go through the network at once.
+        objects are smaller than the halo. ``batch_size`` tiles go through the network at once,
+        ``workers`` batches at a time (default :meth:`default_workers`).
         """
+        from cellmask.workers import ModelThreads
+
         batch_size = batch_size or self.default_batch_size()
         tiles = plan_tiles(chw.shape[1:], tile, halo)
-        parts = []
-        for start in range(0, len(tiles), batch_size):
-            batch = tiles[start:start + batch_size]
+        batches = [tiles[k:k + batch_size] for k in range(0, len(tiles), batch_size)]
+
+        def run(model: "Model", batch) -> list[Instances]:
             crops = [chw[:, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in batch]
-            for t, inst in zip(batch, self.detect_batch(crops)):
-                parts.append(inst.shifted(t.window[0], t.window[2]).owned_by(t))
+            return [inst.shifted(t.window[0], t.window[2]).owned_by(t)
+                    for t, inst in zip(batch, model.detect_batch(crops))]
+
+        n = min(len(batches), workers or self.default_workers())
+        if n <= 1:
+            parts = [inst for b in batches for inst in run(self, b)]
+        else:
+            with ModelThreads(self, n) as pool:
+                futures = [pool.submit(run, b) for b in batches]
+                parts = [inst for f in futures for inst in f.result()]
         return Instances.concatenate(parts, 2 * self.config.mask_roi_size)
 
     def paint(self, inst: Instances, shape: tuple[int, int]) -> np.ndarray:
@@ -127,7 +138,7 @@ class Model:
 
     def segment(self, image: np.ndarray, scale: float | None = None, *,
                 diameter: float | None = None, tile: int = 1024, halo: int = 64,
-                batch_size: int | None = None) -> np.ndarray:
+                batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
         """Instance labels of ``image``.
 
         ``image``: ``(H, W)`` grey or ``(H, W, 3)`` RGB (``(H, W, 1)`` too), any integer, float or
@@ -145,7 +156,8 @@ class Model:
             size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
             norm = F.interpolate(torch.from_numpy(norm)[None], size=size, mode="bilinear",
                                  antialias=scale < 1, align_corners=False)[0].numpy()
-        inst = self.detect(norm, tile=max(32, int(tile)), halo=halo, batch_size=batch_size)
+        inst = self.detect(norm, tile=max(32, int(tile)), halo=halo, batch_size=batch_size,
+                           workers=workers)
         if scale != 1.0:
             fy, fx = shape[0] / norm.shape[1], shape[1] / norm.shape[2]
             inst = Instances(inst.boxes * np.array([fx, fy, fx, fy], np.float32), inst.scores,
