@@ -33,6 +33,7 @@ class ModelThreads:
         self.total = torch.get_num_threads()
         self.threads = max(1, self.total // self.workers)
         self._local = threading.local()
+        self._borrowed: list = []
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "ModelThreads":
@@ -44,11 +45,15 @@ class ModelThreads:
             self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
         finally:
             torch.set_num_threads(self.total)
+            for copy_ in self._borrowed:
+                self.model.give_back(copy_)
 
     def _start(self) -> None:
         torch.set_num_threads(self.threads)
         many = self.workers > 1
-        self._local.model = self.model.with_config() if many else self.model
+        self._local.model = self.model.borrow_copy() if many else self.model
+        if many:
+            self._borrowed.append(self._local.model)
         cuda = self.model.device.type == "cuda" and many
         self._local.stream = torch.cuda.Stream(self.model.device) if cuda else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ class Model:
         self.name = name
         self.meta = dict(meta or {})
         set_inference_thresholds(self.runner, config)
+        self._copies: list[Model] = []
+        self._copies_lock = threading.Lock()
 
     def with_config(self, **changes) -> "Model":
         """A model sharing these weights with other inference thresholds (for tuning)."""
@@ -68,8 +71,8 @@ class Model:
     def detect_batch(self, images: list[np.ndarray]) -> list[Instances]:
         """Instances of each normalised float32 ``(3, h, w)`` image, one network pass for all.
 
-        With ``precision`` "bf16" or "fp16" the network runs under autocast; boxes, scores and
-        masks come back as float32 either way.
+        With ``precision`` "mixed", "bf16" or "fp16" (parts of) the network run in half
+        precision; boxes, scores and masks come back as float32 either way.
         """
         pixels = max(im.shape[-2] * im.shape[-1] for im in images) if images else 0
         set_inference_thresholds(self.runner, self.config, pixels)
@@ -85,6 +88,18 @@ class Model:
                 outs = self.runner(inputs)
         return [Instances(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(),
                           o["masks"][:, 0].float().cpu().numpy()) for o in outs]
+
+    def borrow_copy(self) -> "Model":
+        """A model with these weights and its own inference network, for one thread at a time
+        (return it with :meth:`give_back`); copies are kept for the next run."""
+        with self._copies_lock:
+            if self._copies:
+                return self._copies.pop()
+        return self.with_config()
+
+    def give_back(self, copy_: "Model") -> None:
+        with self._copies_lock:
+            self._copies.append(copy_)
 
     def default_workers(self) -> int:
         """Tile batches run at once by whole-image runs: on a CPU with several cores, 2 (each
