@@ -263,8 +263,8 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
         f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
         inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0).owned_by(t)
         boxes = pixel_windows(inst.boxes, src.shape)
-        out.append(InstanceSet(boxes, inst.scores,
-                               local_masks(inst, boxes, model.config.mask_thresh)))
+        out.append(InstanceSet(boxes, inst.scores, local_masks(  # on the GPU when there is one
+            inst, boxes, model.config.mask_thresh, device=model.device)))
     t3 = time.perf_counter()
     if on_network is not None:
         on_network(t1, t2)

@@ -122,3 +122,23 @@ def test_in_memory_segment_with_tile_workers_is_identical(shipped_model):
     t.start()
     t.join()
     assert seen == [torch.get_num_threads()]
+
+
+@pytest.mark.gpu
+def test_gpu_masks_and_mixed_precision_match_the_cpu(shipped_model):
+    from cellmask.model.paint import local_masks, pixel_windows
+    from cellmask.normalize import normalize
+
+    image, truth = load_fixture("fluo_29dd28df98ee")
+    chw = normalize(image, shipped_model.config.norm_percentiles)
+    (inst,) = shipped_model.detect_batch([chw])
+    windows = pixel_windows(inst.boxes, image.shape[:2])
+    cpu = local_masks(inst, windows, 0.5)
+    gpu = local_masks(inst, windows, 0.5, device="cuda")
+    differing = sum(int((a != b).sum()) for a, b in zip(cpu, gpu))
+    assert differing <= 1e-4 * sum(a.size for a in cpu)  # interpolation rounding only
+    on_gpu = Model(shipped_model.net, shipped_model.config, device="cuda")
+    assert on_gpu.precision == "mixed" and on_gpu.default_workers() == 2
+    ev = Evaluation(thresholds=(0.5,))
+    ev.add(truth, on_gpu.segment(image))
+    assert ev.table()["ap"][0] >= 0.8

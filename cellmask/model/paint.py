@@ -65,12 +65,12 @@ def pixel_windows(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def local_masks(inst: Instances, windows: np.ndarray, thresh: float,
-                chunk: int = 512) -> list[np.ndarray]:
+                chunk: int = 512, device: torch.device | str = "cpu") -> list[np.ndarray]:
     """Boolean masks, one per instance, of shape ``(y1 - y0, x1 - x0)`` of its window.
 
     Each pixel centre of the window is located in the box and the box-local probability map is
-    sampled there bilinearly (``grid_sample``); instances are processed in chunks of similar
-    size so that a few large boxes do not inflate the work of the many small ones.
+    sampled there bilinearly (``grid_sample``, on ``device``); instances are processed in chunks
+    of similar size so that a few large boxes do not inflate the work of the many small ones.
     """
     n = len(inst)
     out: list[np.ndarray] = [np.zeros((0, 0), bool)] * n
@@ -80,6 +80,7 @@ def local_masks(inst: Instances, windows: np.ndarray, thresh: float,
     widths = windows[:, 2] - windows[:, 0]
     order = np.argsort(np.maximum(heights, widths), kind="stable")
     masks = torch.from_numpy(np.ascontiguousarray(inst.masks, dtype=np.float32))[:, None]
+    masks = masks.to(device)
     for start in range(0, n, chunk):
         idx = order[start:start + chunk]
         gh, gw = int(heights[idx].max()), int(widths[idx].max())
@@ -96,9 +97,10 @@ def local_masks(inst: Instances, windows: np.ndarray, thresh: float,
         grid = np.empty((len(idx), gh, gw, 2), dtype=np.float32)
         grid[..., 0] = gx[:, None, :]
         grid[..., 1] = gy[:, :, None]
-        sampled = F.grid_sample(masks[torch.from_numpy(idx)], torch.from_numpy(grid),
+        sampled = F.grid_sample(masks[torch.from_numpy(idx).to(masks.device)],
+                                torch.from_numpy(grid).to(masks.device),
                                 mode="bilinear", padding_mode="zeros", align_corners=False)
-        binary = (sampled[:, 0] > thresh).numpy()
+        binary = (sampled[:, 0] > thresh).cpu().numpy()
         for k, i in enumerate(idx):
             out[i] = binary[k, :heights[i], :widths[i]]
     return out
