@@ -254,8 +254,13 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
     if windows is None:
         windows = [read_window(src, t.window)[0] for t in tiles]
     inputs = [_prepare(w, t.window, lo, hi, scale) for t, w in zip(tiles, windows)]
+    cores = []
+    for t, chw in zip(tiles, inputs):  # each tile's core in its network input's pixels
+        (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = t.window, t.core
+        fy, fx = chw.shape[1] / (y1 - y0), chw.shape[2] / (x1 - x0)
+        cores.append(((cy0 - y0) * fy, (cy1 - y0) * fy, (cx0 - x0) * fx, (cx1 - x0) * fx))
     t1 = time.perf_counter()
-    found = model.detect_batch(inputs)
+    found = model.detect_batch(inputs, cores)
     t2 = time.perf_counter()
     out = []
     for t, chw, inst in zip(tiles, inputs, found):

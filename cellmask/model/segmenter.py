@@ -68,11 +68,16 @@ class Model:
         return float(self.meta.get("trained_diameter", 20.0))
 
     @torch.inference_mode()
-    def detect_batch(self, images: list[np.ndarray]) -> list[Instances]:
+    def detect_batch(self, images: list[np.ndarray],
+                     cores: list[tuple[float, float, float, float] | None] | None = None
+                     ) -> list[Instances]:
         """Instances of each normalised float32 ``(3, h, w)`` image, one network pass for all.
 
         With ``precision`` "mixed", "bf16" or "fp16" (parts of) the network run in half
-        precision; boxes, scores and masks come back as float32 either way.
+        precision; boxes, scores and masks come back as float32 either way. ``cores``: per
+        image, a region ``(y0, y1, x0, x1)`` of its pixels outside which detections will be
+        discarded by the caller (a tile's halo): their masks are not computed (detections
+        within 1 px of it are kept, so that the caller's own test decides).
         """
         pixels = max(im.shape[-2] * im.shape[-1] for im in images) if images else 0
         set_inference_thresholds(self.runner, self.config, pixels)
@@ -80,12 +85,16 @@ class Model:
         inputs = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         inputs = [(t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
                   for t in inputs]
-        if self.precision in ("fp32", "mixed"):  # "mixed" casts inside the runner
-            outs = self.runner(inputs)
-        else:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            with torch.autocast(self.device.type, dtype=dtype):
+        self.runner.roi_heads.keep_cores = cores
+        try:
+            if self.precision in ("fp32", "mixed"):  # "mixed" casts inside the runner
                 outs = self.runner(inputs)
+            else:
+                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+                with torch.autocast(self.device.type, dtype=dtype):
+                    outs = self.runner(inputs)
+        finally:
+            self.runner.roi_heads.keep_cores = None
         return [Instances(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(),
                           o["masks"][:, 0].float().cpu().numpy()) for o in outs]
 
@@ -133,8 +142,10 @@ class Model:
 
         def run(model: "Model", batch) -> list[Instances]:
             crops = [chw[:, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in batch]
+            cores = [(t.core[0] - t.window[0], t.core[1] - t.window[0],
+                      t.core[2] - t.window[2], t.core[3] - t.window[2]) for t in batch]
             return [inst.shifted(t.window[0], t.window[2]).owned_by(t)
-                    for t, inst in zip(batch, model.detect_batch(crops))]
+                    for t, inst in zip(batch, model.detect_batch(crops, cores))]
 
         n = min(len(batches), workers or self.default_workers())
         if n <= 1:
@@ -202,9 +213,34 @@ class _HalfPrecision(torch.nn.Module):
         return out.float()
 
 
+def _drop_outside_cores(heads) -> None:
+    """Detections whose box centre lies more than 1 px outside ``heads.keep_cores[i]`` are
+    dropped after the box NMS, before the mask branch (their masks would be thrown away)."""
+    heads.keep_cores = None
+    postprocess = heads.postprocess_detections
+
+    def postprocess_detections(*args):
+        boxes, scores, labels = postprocess(*args)
+        cores = heads.keep_cores
+        if cores is None:
+            return boxes, scores, labels
+        for i, core in enumerate(cores):
+            if core is None:
+                continue
+            y0, y1, x0, x1 = core
+            b = boxes[i]
+            cy, cx = (b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2
+            keep = (cy >= y0 - 1) & (cy < y1 + 1) & (cx >= x0 - 1) & (cx < x1 + 1)
+            boxes[i], scores[i], labels[i] = b[keep], scores[i][keep], labels[i][keep]
+        return boxes, scores, labels
+
+    heads.postprocess_detections = postprocess_detections
+
+
 def _inference_copy(net: torch.nn.Module, device: torch.device,
                     precision: str) -> torch.nn.Module:
     runner = fuse_batchnorm(copy.deepcopy(net).eval())
+    _drop_outside_cores(runner.roi_heads)
     runner.roi_heads.box_roi_pool = GridRoIPool.like(runner.roi_heads.box_roi_pool)
     runner.roi_heads.mask_roi_pool = GridRoIPool.like(runner.roi_heads.mask_roi_pool)
     if device.type == "cpu":
