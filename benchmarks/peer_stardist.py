@@ -4,7 +4,8 @@ Runs in an environment with the optional benchmark extras (``pip install tensorf
 stardist``), never in cellmask's own: ``benchmarks/peers.py`` calls it as a child process.
 Pretrained StarDist models cannot be downloaded here, so the model is trained from scratch
 with StarDist's 2D defaults (32 rays, grid 2, 256x256 patches) and the flip/rotation/intensity
-augmentation of its example notebook, and thresholds optimised on ``fluo_val``; training stops when the budget is spent.
+augmentation of its example notebook, and thresholds optimised on ``fluo_val``; training
+stops when the budget is spent.
 
     python benchmarks/peer_stardist.py train --minutes 115 --out runs/peers/stardist
     python benchmarks/peer_stardist.py predict --model runs/peers/stardist --images a.npy b.npy

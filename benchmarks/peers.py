@@ -131,7 +131,8 @@ def main() -> None:
             labels = np.asarray(zarr.open_array(str(tmp / f"o{size}.zarr/labels/cellmask/0")))
             to_labels = t["total"] - t["measure"]
             row["cellmask"] = {
-                "seconds_to_labels": round(to_labels, 2), "seconds_with_table": round(t["total"], 2),
+                "seconds_to_labels": round(to_labels, 2),
+                "seconds_with_table": round(t["total"], 2),
                 "mpx_s": round(mpx / to_labels, 3), "mpx_s_with_table": round(mpx / t["total"], 3),
                 "objects": cm["objects"], "ap50": round(ap50(truth, labels), 4),
                 "peak_gib": round(cm["hwm_kib"] / 2**20, 2), "precision": cm["precision"],
@@ -165,7 +166,8 @@ def main() -> None:
                 print(json.dumps({"size": size, "cellpose": row["cellpose"]}), flush=True)
             rows.append(row)
     print()
-    print("| image | tool | s | Mpx/s | objects (annotated) | AP@0.5 | peak GiB | cellmask speed-up |")
+    print("| image | tool | s | Mpx/s | objects (annotated) | AP@0.5 | peak GiB "
+          "| cellmask speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         cm = row["cellmask"]

@@ -141,13 +141,15 @@ def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
     c = src.array.shape[2]
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
     try:
-        sample = np.asarray(src.array[::step, ::step].compute()).reshape(-1, c)
+        # threads named explicitly: sampling is local, and dask need not look for a cluster
+        sample = np.asarray(src.array[::step, ::step].compute(scheduler="threads")).reshape(-1, c)
     except Exception:  # a corrupt chunk: sample chunk by chunk (named error, or skipped)
         parts = []
         for i, j, box in _chunks_in(src, (0, h, 0, w)):
             oy, ox = (-box[0]) % step, (-box[2]) % step
             try:
-                block = src.array[box[0] + oy:box[1]:step, box[2] + ox:box[3]:step].compute()
+                block = src.array[box[0] + oy:box[1]:step,
+                                  box[2] + ox:box[3]:step].compute(scheduler="synchronous")
             except Exception:  # this chunk is broken
                 if not skip_corrupt:
                     raise InputError(f"cannot read {src.path or 'the image'}: "
@@ -209,7 +211,8 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
     for i, j, box in _chunks_in(src, region):
         iy0, iy1, ix0, ix1 = max(box[0], y0), min(box[1], y1), max(box[2], x0), min(box[3], x1)
         try:
-            out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = src.array[iy0:iy1, ix0:ix1].compute()
+            out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = \
+                src.array[iy0:iy1, ix0:ix1].compute(scheduler="synchronous")
         except Exception:  # this chunk is broken
             name = _chunk_name(src, i, j, box)
             if not skip_corrupt:

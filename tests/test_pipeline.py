@@ -388,7 +388,8 @@ def test_error_in_one_tile_worker_stops_the_run_cleanly(tmp_path, shipped_model)
     image = np.tile(image, (4, 4)).astype(np.float32)  # 5.8 Mpx: intensities sampled 1 in 4
     image[1301, 2001] = np.nan  # one pixel the sample misses, in one tile
     kwargs = dict(model=shipped_model, tile=512, halo=64, workers=2, progress=False)
-    with pytest.raises(cellmask.InputError, match="NaN or infinite pixels in y 960:1600, x 1472:2112"):
+    region = "NaN or infinite pixels in y 960:1600, x 1472:2112"
+    with pytest.raises(cellmask.InputError, match=region):
         cellmask.segment_zarr(image, tmp_path / "o.zarr", **kwargs)
     run_dir = tmp_path / "o.zarr/labels/cellmask/.run"
     saved = len(list((run_dir / "tiles").glob("*.npz")))
