@@ -111,7 +111,8 @@ def predict(args: argparse.Namespace) -> None:
     rows = []
     for image_path in args.images:
         image = np.load(image_path)
-        modes = ["big"] + (["whole"] if max(image.shape) <= args.whole_max else [])
+        modes = args.modes or (["big"] + (["whole"] if max(image.shape) <= args.whole_max
+                                          else []))
         for mode in modes:
             t0 = time.perf_counter()
             x = normalize(image.astype(np.float32), 1, 99.8, axis=(0, 1))
@@ -145,6 +146,8 @@ def main() -> None:
     q.add_argument("--images", nargs="+", required=True)
     q.add_argument("--block", type=int, default=1024)
     q.add_argument("--whole-max", type=int, default=2048)
+    q.add_argument("--modes", nargs="+", choices=["big", "whole"],
+                   help="only these modes (default: big, and whole up to --whole-max px)")
     args = p.parse_args()
     {"train": train, "predict": predict}[args.cmd](args)
 
