@@ -181,23 +181,23 @@ def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
         right = np.full((len(members), h), -np.inf)
         left[slot[run_obj[sel]], run_row[sel]] = cols[first[sel]]
         right[slot[run_obj[sel]], run_row[sel]] = cols[last[sel]]
-        xl = _envelope(_half_grid(left, np.fmin, -0.5))
-        xr = -_envelope(_half_grid(-right, np.fmin, -0.5))
+        xl = _envelope(_half_grid(left))
+        xr = -_envelope(_half_grid(-right))  # the right side: the same, mirrored
         counts = np.floor(xr + 1e-9) - np.ceil(xl - 1e-9) + 1
         inside = np.arange(h)[None] < height[members][:, None]
         out[members] = np.where(inside, np.clip(counts, 0, None), 0).sum(1).astype(np.int64)
     return out
 
 
-def _half_grid(edge: np.ndarray, pick, offset: float) -> np.ndarray:
-    """Row extremes ``(m, h)`` (inf: no pixel) -> the hull's candidate x on the heights
-    -0.5, 0, 0.5, ..., h - 0.5 ``(m, 2h + 1)``: pixel-centre rows get the side midpoint
-    (``edge + offset``), half rows the top/bottom midpoints of the rows on either side."""
+def _half_grid(edge: np.ndarray) -> np.ndarray:
+    """Leftmost columns per row ``(m, h)`` (inf: no pixel) -> the hull's candidate x on the
+    heights -0.5, 0, 0.5, ..., h - 0.5 ``(m, 2h + 1)``: pixel-centre rows get the left edge
+    midpoint (``edge - 0.5``), half rows the smaller of the rows on either side."""
     m, h = edge.shape
     grid = np.full((m, 2 * h + 1), np.inf)
-    grid[:, 1::2] = edge + offset
+    grid[:, 1::2] = edge - 0.5
     pad = np.full((m, 1), np.inf)
-    grid[:, 0::2] = pick(np.hstack([pad, edge]), np.hstack([edge, pad]))
+    grid[:, 0::2] = np.fmin(np.hstack([pad, edge]), np.hstack([edge, pad]))
     return grid
 
 

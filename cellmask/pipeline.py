@@ -259,9 +259,10 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
     inputs = [_prepare(w, t.window, lo, hi, scale) for t, w in zip(tiles, windows)]
     cores = []
     for t, chw in zip(tiles, inputs):  # each tile's core in its network input's pixels
-        (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = t.window, t.core
+        y0, y1, x0, x1 = t.window
         fy, fx = chw.shape[1] / (y1 - y0), chw.shape[2] / (x1 - x0)
-        cores.append(((cy0 - y0) * fy, (cy1 - y0) * fy, (cx0 - x0) * fx, (cx1 - x0) * fx))
+        cy0, cy1, cx0, cx1 = t.local_core
+        cores.append((cy0 * fy, cy1 * fy, cx0 * fx, cx1 * fx))
     t1 = time.perf_counter()
     found = model.detect_batch(inputs, cores)
     t2 = time.perf_counter()

@@ -20,6 +20,12 @@ class Tile:
     core: tuple[int, int, int, int]
     window: tuple[int, int, int, int]
 
+    @property
+    def local_core(self) -> tuple[int, int, int, int]:
+        """The core ``(y0, y1, x0, x1)`` in the frame of the window (origin at its corner)."""
+        (wy0, _, wx0, _), (y0, y1, x0, x1) = self.window, self.core
+        return y0 - wy0, y1 - wy0, x0 - wx0, x1 - wx0
+
     def owns(self, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
         """Whether points ``(cy, cx)`` (full-image frame) fall in this tile's core."""
         y0, y1, x0, x1 = self.core

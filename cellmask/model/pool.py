@@ -46,15 +46,14 @@ class GridRoIPool(nn.Module):
         maps = [features[n] for n in self.names]
         s = self.size
         total = sum(len(b) for b in boxes)
-        channels = maps[0].shape[1]
-        out = maps[0].new_empty((total, s, s, channels))
         if total == 0:
-            return out.permute(0, 3, 1, 2)
+            return maps[0].new_empty((0, s, s, maps[0].shape[1])).permute(0, 3, 1, 2)
         levels = self.mapper(boxes)
         if len(boxes) == 1 and bool((levels == levels[0]).all()):
             # one image, one level (the rule for nuclei: boxes under 112 px map to stride 4)
             level = int(levels[0])
             return _sample(maps[level][:1], boxes[0], self.scales[level], s).permute(0, 3, 1, 2)
+        out = maps[0].new_empty((total, s, s, maps[0].shape[1]))
         start = 0
         for b, image_boxes in enumerate(boxes):
             n = len(image_boxes)

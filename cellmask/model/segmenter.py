@@ -142,8 +142,7 @@ class Model:
 
         def run(model: "Model", batch) -> list[Instances]:
             crops = [chw[:, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in batch]
-            cores = [(t.core[0] - t.window[0], t.core[1] - t.window[0],
-                      t.core[2] - t.window[2], t.core[3] - t.window[2]) for t in batch]
+            cores = [t.local_core for t in batch]
             return [inst.shifted(t.window[0], t.window[2]).owned_by(t)
                     for t, inst in zip(batch, model.detect_batch(crops, cores))]
 

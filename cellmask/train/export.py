@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cellmask.config import INFERENCE_SETTINGS, ModelConfig
 from cellmask.model.segmenter import load_model
-from cellmask.normalize import InputError
 from cellmask.model.weights import save_weights
+from cellmask.normalize import InputError
 from cellmask.train.tune import tune_thresholds
 
 log = logging.getLogger(__name__)
