@@ -32,19 +32,28 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
     p.add_argument("--init", help="fine-tune from these .safetensors weights")
+    p.add_argument("--train-only", nargs="+", default=[], metavar="PREFIX",
+                   help="fine-tune only the parameters named PREFIX... (e.g. "
+                        "roi_heads.mask_head roi_heads.mask_predictor); the rest stays frozen")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a numeric field of the model configuration (with --init: "
+                        "one that keeps the weights' shapes, e.g. mask_roi_size=10)")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from cellmask.config import TrainConfig
+    from cellmask.train.export import parse_settings
     from cellmask.train.loop import train
 
     cfg = TrainConfig(data=args.data, split=args.split, out=args.out, iterations=args.iterations,
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, warmup=args.warmup,
                       seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
                       max_minutes=args.max_minutes, device=args.device, threads=args.threads,
-                      workers=args.workers)
-    path = train(cfg, resume=args.resume, init=args.init, progress=not args.quiet)
+                      workers=args.workers, train_only=tuple(args.train_only))
+    changes = parse_settings(args.set, inference_only=False)
+    path = train(cfg, resume=args.resume, init=args.init, changes=changes,
+                 progress=not args.quiet)
     log.info("weights written to %s", path)
     return 0
 

@@ -54,6 +54,9 @@ class ModelConfig:
     #: of the input (at least 500): a tile and the whole image then get the same budget per
     #: area, so that tiled and whole-image results agree.
     proposals_per_mpx: float = 6144.0
+    #: With ``proposals_per_mpx``: proposals kept per FPN level before their NMS, as a multiple
+    #: of the budget after it (the NMS is the costliest step of the region proposals).
+    rpn_pre_nms_ratio: float = 1.5
     #: Minimum objectness of a region proposal. Proposals are then set by the image content
     #: rather than only by the per-area budget (background costs nothing), and the budget
     #: stays a cap for the densest tiles.
@@ -96,7 +99,8 @@ class ModelConfig:
 
 #: The settings of :class:`ModelConfig` that change inference only (not the weights' shapes).
 INFERENCE_SETTINGS = ("rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_image",
-                      "proposals_per_mpx", "rpn_score_thresh", "rpn_nms_thresh", "score_thresh",
+                      "proposals_per_mpx", "rpn_pre_nms_ratio", "rpn_score_thresh",
+                      "rpn_nms_thresh", "score_thresh",
                       "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area")
 
 
@@ -135,4 +139,8 @@ class TrainConfig:
     #: Data-loading worker processes (0: load in the training process, best on 2 CPU cores;
     #: a GPU wants several so that augmentation keeps up).
     workers: int = 0
+    #: Fine-tune only the parameters whose names start with one of these prefixes (e.g.
+    #: ``roi_heads.mask_head``); the rest is frozen and runs as at inference (batch norms
+    #: keep their running statistics). Empty: train everything.
+    train_only: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)

@@ -73,17 +73,22 @@ def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
         group.attrs.update({"multiscales": multiscales, "image-label": image_label})
 
 
-def write_pyramid(group) -> None:
+def write_pyramid(group, pool=None) -> None:
     """Fill levels 1.. from the level above by nearest-neighbour downsampling (every second
-    pixel), one output chunk at a time: memory stays at a few chunks whatever the image size."""
+    pixel), one output chunk at a time: memory stays at a few chunks per thread whatever the
+    image size. ``pool`` (an executor), if given, writes the chunks of a level in parallel."""
     for prev, path in zip(DATASETS[:-1], DATASETS[1:]):
         src, dst = group[prev], group[path]
         ch, cw = dst.chunks
-        for y in range(0, dst.shape[0], ch):
-            for x in range(0, dst.shape[1], cw):
-                block = src[2 * y:2 * min(y + ch, dst.shape[0]):2,
-                            2 * x:2 * min(x + cw, dst.shape[1]):2]
-                dst[y:y + block.shape[0], x:x + block.shape[1]] = block
+
+        def write(corner: tuple[int, int]) -> None:
+            y, x = corner
+            block = src[2 * y:2 * min(y + ch, dst.shape[0]):2,
+                        2 * x:2 * min(x + cw, dst.shape[1]):2]
+            dst[y:y + block.shape[0], x:x + block.shape[1]] = block
+
+        corners = [(y, x) for y in range(0, dst.shape[0], ch) for x in range(0, dst.shape[1], cw)]
+        list(pool.map(write, corners) if pool is not None else map(write, corners))
 
 
 def labels_level0(path: str | Path, name: str = "cellmask"):

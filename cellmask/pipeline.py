@@ -446,11 +446,16 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         _check_halo(kept, halo, scale)
         index = SpatialIndex(kept, tile)
         level0 = group["0"]
-        for k, tl in enumerate(tiles):
+
+        def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
             y0, y1, x0, x1 = tl.core
             level0[y0:y1, x0:x1] = paint_region(kept, index, tl.core)
-            yield Progress("paint", k + 1, len(tiles), len(kept))
-        write_pyramid(group)
+
+        # the cores are otherwise idle here; encoding chunks releases the GIL
+        with ThreadPoolExecutor(_output_threads()) as painters:
+            for k, _ in enumerate(painters.map(paint, tiles)):
+                yield Progress("paint", k + 1, len(tiles), len(kept))
+            write_pyramid(group, painters)
         t_paint = time.perf_counter() - t1
         t2 = time.perf_counter()
         table = None
@@ -484,6 +489,15 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
     yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table, len(kept),
                              timings, corrupt)
+
+
+def _output_threads() -> int:
+    """Threads painting and writing output chunks: the cores this process may use, up to 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _check_halo(kept: InstanceSet, halo: int, scale: float) -> None:

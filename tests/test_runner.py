@@ -50,6 +50,50 @@ def test_grid_pool_equals_torchvision_roi_align():
     assert got.shape == expected.shape == (65, 4, 7, 7)
     assert torch.allclose(got, expected, atol=1e-4)
     assert len(set(ref.map_levels(boxes).tolist())) == 4
+    half = GridRoIPool.like(ref, torch.bfloat16)(feats, boxes, shapes)
+    assert half.dtype == torch.bfloat16  # read in the type the heads compute in
+    assert torch.allclose(half.float(), expected, atol=0.05, rtol=0.02)
+    empty = GridRoIPool.like(ref)(feats, [b[:0] for b in boxes], shapes)
+    assert empty.shape == (0, 4, 7, 7)
+
+
+def test_lean_rpn_gives_torchvision_proposals(tiny_config):
+    import copy
+
+    from torchvision.models.detection.image_list import ImageList
+
+    from cellmask.model.network import LeanRPN
+
+    net = _trained_like(tiny_config)
+    x = torch.rand(2, 3, 160, 192)
+    images = ImageList(x, [(150, 192), (160, 170)])
+    lean = LeanRPN.adopt(copy.deepcopy(net.rpn))
+    for pre, post, score in ((300, 200, 0.0), (500, 500, 0.3), (40, 1000, 0.0)):
+        for rpn in (net.rpn, lean):
+            rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre, post
+            rpn.score_thresh = score
+        with torch.no_grad():
+            feats = net.backbone(x)
+            want, _ = net.rpn(images, feats)
+            got, _ = lean(images, feats)
+        assert [len(w) for w in want] == [len(g) for g in got] and len(want[0]) > 20
+        for w, g in zip(want, got):
+            assert torch.allclose(w, g, atol=1e-4)
+
+
+def test_channels_last_box_head_equals_torchvision_head():
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+    from cellmask.model.network import NHWCBoxHead
+
+    torch.manual_seed(0)
+    head = TwoMLPHead(8 * 7 * 7, 32).eval()
+    x = torch.randn(11, 8, 7, 7)
+    with torch.no_grad():
+        want = head(x)
+        got = NHWCBoxHead(head, 8, 7)(x.contiguous(memory_format=torch.channels_last))
+        got_nchw = NHWCBoxHead(head, 8, 7)(x)
+    assert torch.allclose(want, got, atol=1e-5) and torch.allclose(want, got_nchw, atol=1e-5)
 
 
 def test_fused_runner_matches_trained_network(tiny_config):

@@ -84,3 +84,42 @@ def test_time_budget_stops_with_a_checkpoint(dataset_dir, tiny_config, tmp_path)
     path = train(cfg, tiny_config, progress=False)
     _, _, meta = load_weights(tmp_path / "t" / "checkpoint.safetensors")
     assert 1 <= int(meta["step"]) < 10_000 and path.is_file()
+
+
+def test_train_only_changes_just_those_parameters(dataset_dir, tiny_config, tmp_path):
+    common = dict(data=str(dataset_dir), split="splits/train.txt", batch_size=1, crop=64,
+                  warmup=1, threads=1, device="cpu", lr=1e-2)
+    first = train(TrainConfig(out=str(tmp_path / "a"), iterations=1, **common), tiny_config,
+                  progress=False)
+    heads = ("roi_heads.mask_head", "roi_heads.mask_predictor")
+    second = train(TrainConfig(out=str(tmp_path / "b"), iterations=2, train_only=heads,
+                               **common), init=str(first), changes={"mask_roi_size": 10},
+                   progress=False)
+    a, _, _ = load_weights(first)
+    b, cfg, _ = load_weights(second)
+    assert cfg.mask_roi_size == 10 and cfg.replace(mask_roi_size=14) == tiny_config
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(heads) for k in changed)
+    # frozen batch norms kept their running statistics (they ran as at inference)
+    assert torch.equal(a["backbone.body.stem.1.running_mean"],
+                       b["backbone.body.stem.1.running_mean"])
+
+
+def test_train_only_names_unknown_prefix(dataset_dir, tiny_config, tmp_path):
+    cfg = TrainConfig(data=str(dataset_dir), split="splits/train.txt", out=str(tmp_path / "x"),
+                      iterations=1, batch_size=1, crop=64, threads=1, device="cpu",
+                      train_only=("roi_heads.mask_haed",))
+    with pytest.raises(ValueError, match="mask_haed"):
+        train(cfg, tiny_config, progress=False)
+
+
+def test_set_parses_typed_model_fields():
+    from cellmask.normalize import InputError
+    from cellmask.train.export import parse_settings
+
+    assert parse_settings(["mask_roi_size=10"], inference_only=False) == {"mask_roi_size": 10}
+    assert parse_settings(["score_thresh=0.6"]) == {"score_thresh": 0.6}
+    with pytest.raises(InputError, match="numeric model setting"):
+        parse_settings(["mask_roi_size=10"])  # architecture: not an inference setting
+    with pytest.raises(InputError, match="whole number"):
+        parse_settings(["mask_roi_size=10.5"], inference_only=False)

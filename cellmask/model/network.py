@@ -24,10 +24,11 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
@@ -161,6 +162,79 @@ class _MaskPredictor(MaskRCNNPredictor):
         return logits.view(n, s, s, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(n, k, 2 * s, 2 * s)
 
 
+class NHWCBoxHead(nn.Module):
+    """torchvision's ``TwoMLPHead`` (same numbers) for RoI features in channels-last memory.
+
+    ``TwoMLPHead`` flattens ``(N, C, S, S)`` in ``(C, y, x)`` order, which for channels-last
+    pooled features is a full copy (as long as the pooling itself on a dense tile); here the
+    first layer's columns are reordered to ``(y, x, C)`` once, so flattening is free.
+    """
+
+    def __init__(self, head: TwoMLPHead, channels: int, size: int):
+        super().__init__()
+        fc6 = head.fc6
+        self.fc6 = nn.Linear(fc6.in_features, fc6.out_features)
+        with torch.no_grad():
+            self.fc6.weight.copy_(fc6.weight.view(-1, channels, size, size)
+                                  .permute(0, 2, 3, 1).reshape(fc6.out_features, -1))
+            self.fc6.bias.copy_(fc6.bias)
+        self.fc7 = head.fc7
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1).reshape(len(x), self.fc6.in_features)  # a view if NHWC
+        return torch.relu(self.fc7(torch.relu(self.fc6(x))))
+
+
+class LeanRPN(RegionProposalNetwork):
+    """torchvision's region proposal network (same parameters, same proposals) that, at
+    inference, decodes only the anchors it keeps.
+
+    torchvision builds every anchor of every level and decodes all of them (660,000 on a
+    1,152 px tile) before choosing the top few thousand per level; here the top anchors are
+    chosen on the objectness logits first, and only their boxes are made and decoded.
+    """
+
+    @classmethod
+    def adopt(cls, rpn: RegionProposalNetwork) -> "LeanRPN":
+        rpn.__class__ = cls
+        return rpn
+
+    def forward(self, images, features, targets=None):
+        if self.training:
+            return super().forward(images, features, targets)
+        maps = list(features.values())
+        objectness, deltas = self.head(maps)
+        padded = images.tensors.shape[-2:]
+        pre, post = self.pre_nms_top_n(), self.post_nms_top_n()
+        boxes_out, scores_out = [], []
+        for b, shape in enumerate(images.image_sizes):
+            boxes, logits, levels = [], [], []
+            for lvl, (obj, delta) in enumerate(zip(objectness, deltas)):
+                a_count, h, w = obj.shape[1:]
+                flat = obj[b].permute(1, 2, 0).reshape(-1)  # anchor (y, x, a) order
+                top, idx = flat.topk(min(pre, flat.numel()))
+                a, cell = idx % a_count, idx // a_count
+                y, x = cell // w, cell % w
+                d = delta[b].view(a_count, 4, h, w)[a, :, y, x]  # (k, 4)
+                stride_y, stride_x = padded[0] // h, padded[1] // w
+                base = self.anchor_generator.cell_anchors[lvl].to(d)
+                shift = torch.stack((x * stride_x, y * stride_y, x * stride_x, y * stride_y), 1)
+                boxes.append(self.box_coder.decode_single(d, shift + base[a]))
+                logits.append(top)
+                levels.append(torch.full_like(idx, lvl))
+            box = box_ops.clip_boxes_to_image(torch.cat(boxes), shape)
+            score = torch.sigmoid(torch.cat(logits))
+            level = torch.cat(levels)
+            keep = box_ops.remove_small_boxes(box, self.min_size)
+            box, score, level = box[keep], score[keep], level[keep]
+            keep = torch.where(score >= self.score_thresh)[0]
+            box, score, level = box[keep], score[keep], level[keep]
+            keep = box_ops.batched_nms(box, score, level, self.nms_thresh)[:post]
+            boxes_out.append(box[keep])
+            scores_out.append(score[keep])
+        return boxes_out, {}
+
+
 def build_network(cfg: ModelConfig) -> MaskRCNN:
     """Build the Mask R-CNN variant described by ``cfg`` (randomly initialised).
 
@@ -257,7 +331,7 @@ def set_inference_thresholds(net: MaskRCNN, cfg: ModelConfig, pixels: int = 0) -
     post, pre, dets = cfg.rpn_post_nms_test, cfg.rpn_pre_nms_test, cfg.detections_per_image
     if cfg.proposals_per_mpx > 0 and pixels > 0:
         post = max(500, int(round(cfg.proposals_per_mpx * pixels / 1e6)))
-        pre, dets = int(1.5 * post), post
+        pre, dets = max(1, int(cfg.rpn_pre_nms_ratio * post)), post
     net.roi_heads.detections_per_img = dets
     net.rpn._pre_nms_top_n["testing"] = pre
     net.rpn._post_nms_top_n["testing"] = post

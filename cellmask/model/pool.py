@@ -1,13 +1,14 @@
-"""RoI pooling for inference: torchvision's multi-scale RoIAlign computed with ``grid_sample``.
+"""RoI pooling for inference: torchvision's multi-scale RoIAlign as one weighted gather.
 
 With one sample per bin (``sampling_ratio=1``, as this network is trained), RoIAlign reads each
-output bin as one bilinear sample at the bin centre; ``grid_sample`` with border clamping
-computes the same numbers for boxes inside the image (proposals are clipped to it). On the CPU
-torchvision's RoIAlign kernel runs on one thread over NCHW features, while ``grid_sample``
-is vectorised, multi-threaded and reads channels-last features directly: about 2.5x faster
-for the thousands of RoIs of a dense tile (measured on 2 cores), and its channels-last
-output feeds the mask head's NHWC convolutions without a copy. Training keeps torchvision's
-``MultiScaleRoIAlign`` (same parameters, same level assignment).
+output bin as one bilinear sample at the bin centre: a weighted sum of 4 feature-map pixels.
+Here every FPN level of every image is laid out as rows of one ``(pixels, C)`` table (free for
+channels-last maps) and all bins of all RoIs are read in one ``embedding_bag`` call (4 rows and
+4 weights per bin), in the order of the boxes: no per-level pass, no scatter. torchvision's
+RoIAlign kernel runs on one thread over NCHW features; ``grid_sample`` was 2.5x faster than it,
+and this gather 2x faster than ``grid_sample`` in float32 and 4x in bfloat16 (3,600 RoIs of a
+dense tile, 1 thread). Training keeps torchvision's ``MultiScaleRoIAlign`` (same parameters,
+same level assignment); the numbers agree to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -24,74 +25,87 @@ class GridRoIPool(nn.Module):
 
     ``forward(features, boxes, image_shapes)``: ``features`` maps level names to ``(B, C, h, w)``
     maps; ``boxes`` holds one ``(N_b, 4)`` tensor ``[x1, y1, x2, y2]`` (input pixels) per image.
-    Returns ``(sum N_b, C, S, S)`` in the order of the boxes (channels-last memory).
+    Returns ``(sum N_b, C, S, S)`` in the order of the boxes (channels-last memory), in
+    ``dtype`` if set (the features are read in that type: bfloat16 halves the bytes moved),
+    else in the features' type.
     """
 
-    def __init__(self, names: list[str], size: int, scales: list[float], mapper: LevelMapper):
+    def __init__(self, names: list[str], size: int, scales: list[float], mapper: LevelMapper,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.names, self.size, self.scales, self.mapper = list(names), size, list(scales), mapper
+        self.dtype = dtype
 
     @staticmethod
-    def like(pool: MultiScaleRoIAlign) -> "GridRoIPool":
+    def like(pool: MultiScaleRoIAlign, dtype: torch.dtype | None = None) -> "GridRoIPool":
         if pool.sampling_ratio != 1 or pool.scales is None or pool.map_levels is None:
             raise ValueError("GridRoIPool reproduces RoIAlign with sampling_ratio=1 and fixed "
                              "scales only")
         size = pool.output_size[0]
         if pool.output_size[1] != size:
             raise ValueError("GridRoIPool needs square outputs")
-        return GridRoIPool(pool.featmap_names, size, pool.scales, pool.map_levels)
+        return GridRoIPool(pool.featmap_names, size, pool.scales, pool.map_levels, dtype)
 
     def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
         maps = [features[n] for n in self.names]
-        s = self.size
+        s, c = self.size, maps[0].shape[1]
+        dtype = self.dtype or maps[0].dtype
         total = sum(len(b) for b in boxes)
         if total == 0:
-            return maps[0].new_empty((0, s, s, maps[0].shape[1])).permute(0, 3, 1, 2)
+            return maps[0].new_empty((0, s, s, c), dtype=dtype).permute(0, 3, 1, 2)
         levels = self.mapper(boxes)
-        if len(boxes) == 1 and bool((levels == levels[0]).all()):
-            # one image, one level (the rule for nuclei: boxes under 112 px map to stride 4)
-            level = int(levels[0])
-            return _sample(maps[level][:1], boxes[0], self.scales[level], s).permute(0, 3, 1, 2)
-        out = maps[0].new_empty((total, s, s, maps[0].shape[1]))
-        start = 0
-        for b, image_boxes in enumerate(boxes):
-            n = len(image_boxes)
-            image_levels = levels[start:start + n]
-            for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
-                idx = torch.nonzero(image_levels == level).flatten()
-                if len(idx) == 0:
-                    continue
-                sampled = _sample(fmap[b:b + 1], image_boxes[idx], scale, s)
-                if len(idx) == n:
-                    out[start:start + n] = sampled
-                else:
-                    out[start + idx] = sampled
-            start += n
-        return out.permute(0, 3, 1, 2)
+        used = sorted(set(levels.tolist()))
+        # the table: rows (image, level, y, x) of the levels in use; ``base[b][l]`` its first row
+        table = torch.empty((sum(maps[l].shape[0] * maps[l].shape[2] * maps[l].shape[3]
+                                 for l in used), c), dtype=dtype, device=maps[0].device)
+        base: dict[tuple[int, int], int] = {}
+        row = 0
+        for b in range(len(boxes)):
+            for l in used:
+                h, w = maps[l].shape[-2:]
+                table[row:row + h * w].view(h, w, c).copy_(maps[l][b].permute(1, 2, 0))
+                base[b, l] = row
+                row += h * w
+        image = torch.cat([torch.full((len(bx),), b, device=levels.device)
+                           for b, bx in enumerate(boxes)])
+        shape = torch.tensor([maps[l].shape[-2:] for l in range(len(maps))],
+                             device=levels.device)  # (levels, 2): h, w
+        scale = torch.tensor(self.scales, device=levels.device)
+        first = torch.zeros((len(boxes), len(maps)), dtype=torch.int64, device=levels.device)
+        for (b, l), r in base.items():
+            first[b, l] = r
+        index, weight = _bilinear_taps(torch.cat(boxes).to(torch.float32), scale[levels],
+                                       shape[levels], first[image, levels], s)
+        out = F.embedding_bag(index, table, per_sample_weights=weight.to(dtype), mode="sum")
+        return out.view(total, s, s, c).permute(0, 3, 1, 2)
 
 
-def _sample(fmap: torch.Tensor, boxes: torch.Tensor, scale: float, size: int) -> torch.Tensor:
-    """``(n, S, S, C)`` bilinear samples at the bin centres of ``boxes`` on ``fmap`` (1, C, h, w).
+def _bilinear_taps(boxes: torch.Tensor, scale: torch.Tensor, hw: torch.Tensor,
+                   first: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows and weights ``(n * S * S, 4)`` of the bilinear samples at the bin centres.
 
-    Bin geometry as torchvision's RoIAlign with ``aligned=False``: a box spans
-    ``[x1 * scale, x1 * scale + max((x2 - x1) * scale, 1))``; sample coordinates are clamped
-    to the map as RoIAlign clamps them.
+    Per box: ``scale`` of its level, ``hw`` ``(h, w)`` of its map, ``first`` the table row of
+    the map's pixel (0, 0). Bin geometry as torchvision's RoIAlign with ``aligned=False``: a box
+    spans ``[x1 * scale, x1 * scale + max((x2 - x1) * scale, 1))``; sample coordinates are
+    clamped to the map as RoIAlign clamps them.
     """
-    h, w = fmap.shape[-2:]
-    box = boxes.to(torch.float32) * scale
+    box = boxes * scale[:, None]
     x1, y1 = box[:, 0], box[:, 1]
     bw = (box[:, 2] - x1).clamp(min=1.0)
     bh = (box[:, 3] - y1).clamp(min=1.0)
+    h, w = hw[:, 0:1], hw[:, 1:2]
     steps = (torch.arange(size, device=box.device, dtype=box.dtype) + 0.5) / size
-    xs = x1[:, None] + steps * bw[:, None]  # (n, S) in map pixels (pixel centres at integers)
-    ys = y1[:, None] + steps * bh[:, None]
-    # grid_sample (align_corners=False) reads pixel i at normalised (2i + 1) / size - 1
-    gx = (2 * xs + 1) / w - 1
-    gy = (2 * ys + 1) / h - 1
-    n = len(box)
-    grid = torch.stack((gx[:, None, :].expand(n, size, size),
-                        gy[:, :, None].expand(n, size, size)), -1).reshape(1, n * size, size, 2)
-    sampled = F.grid_sample(fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="border",
-                            align_corners=False)  # (1, C, n * S, S)
-    return sampled[0].permute(1, 2, 0).reshape(n, size, size, -1)
+    xs = torch.minimum((x1[:, None] + steps * bw[:, None]).clamp(min=0), w - 1)  # (n, S)
+    ys = torch.minimum((y1[:, None] + steps * bh[:, None]).clamp(min=0), h - 1)
+    x0, y0 = xs.floor(), ys.floor()
+    fx, fy = (xs - x0)[:, None, :], (ys - y0)[:, :, None]
+    x0, y0 = x0.long(), y0.long()
+    x1i, y1i = torch.minimum(x0 + 1, w - 1), torch.minimum(y0 + 1, h - 1)
+    r0 = (first[:, None] + y0 * w)[:, :, None]  # (n, S, 1): row of (y0, 0)
+    r1 = (first[:, None] + y1i * w)[:, :, None]
+    c0, c1 = x0[:, None, :], x1i[:, None, :]  # (n, 1, S)
+    index = torch.stack((r0 + c0, r0 + c1, r1 + c0, r1 + c1), -1).reshape(-1, 4)
+    weight = torch.stack(((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx),
+                         -1).reshape(-1, 4)
+    return index, weight

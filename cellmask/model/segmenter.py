@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from cellmask.config import ModelConfig
 from cellmask.device import pick_device
-from cellmask.model.network import build_network, fuse_batchnorm, set_inference_thresholds
+from cellmask.model.network import (LeanRPN, NHWCBoxHead, build_network, fuse_batchnorm,
+                                    set_inference_thresholds)
 from cellmask.model.paint import Instances, paint
 from cellmask.model.pool import GridRoIPool
 from cellmask.model.registry import resolve
@@ -190,8 +191,9 @@ class Model:
         return self.paint(inst, shape)
 
 
-#: Arithmetic of the network: all float32; "mixed": the trunk, the box head's hidden layers
-#: and the mask branch in bf16 (fp16 on GPUs without bf16), the FPN, the proposals and the box
+#: Arithmetic of the network: all float32; "mixed": the trunk, the proposal head's 3x3
+#: convolution, the RoI features, the box head's hidden layers and the mask branch in bf16
+#: (fp16 on GPUs without bf16), the FPN, the objectness and box-delta layers and the box
 #: classifier/regressor in float32 (measured on ``val``: as accurate as fp32, where full bf16
 #: is not); all bf16; all fp16.
 PRECISIONS = ("fp32", "mixed", "bf16", "fp16")
@@ -239,17 +241,22 @@ def _drop_outside_cores(heads) -> None:
 def _inference_copy(net: torch.nn.Module, device: torch.device,
                     precision: str) -> torch.nn.Module:
     runner = fuse_batchnorm(copy.deepcopy(net).eval())
-    _drop_outside_cores(runner.roi_heads)
-    runner.roi_heads.box_roi_pool = GridRoIPool.like(runner.roi_heads.box_roi_pool)
-    runner.roi_heads.mask_roi_pool = GridRoIPool.like(runner.roi_heads.mask_roi_pool)
+    heads = runner.roi_heads
+    LeanRPN.adopt(runner.rpn)
+    _drop_outside_cores(heads)
+    half = _half_dtype(device) if precision == "mixed" else None
+    # RoI features are read in the type their heads compute in
+    heads.box_roi_pool = GridRoIPool.like(heads.box_roi_pool, half)
+    heads.mask_roi_pool = GridRoIPool.like(heads.mask_roi_pool, half)
+    heads.box_head = NHWCBoxHead(heads.box_head, runner.backbone.out_channels,
+                                 heads.box_roi_pool.size)
     if device.type == "cpu":
         runner.backbone.channels_last = True
         runner.backbone.to(memory_format=torch.channels_last)
-        runner.roi_heads.mask_head.to(memory_format=torch.channels_last)
-    if precision == "mixed":
-        half = _half_dtype(device)
-        heads = runner.roi_heads
+        heads.mask_head.to(memory_format=torch.channels_last)
+    if half is not None:
         runner.backbone.body = _HalfPrecision(runner.backbone.body, device.type, half)
+        runner.rpn.head.conv = _HalfPrecision(runner.rpn.head.conv, device.type, half)
         heads.box_head = _HalfPrecision(heads.box_head, device.type, half)
         heads.mask_head = _HalfPrecision(heads.mask_head, device.type, half)
         heads.mask_predictor = _HalfPrecision(heads.mask_predictor, device.type, half)

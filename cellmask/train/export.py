@@ -16,19 +16,26 @@ from cellmask.train.tune import tune_thresholds
 log = logging.getLogger(__name__)
 
 
-def parse_settings(items: list[str]) -> dict[str, float]:
-    """``["key=value", ...]`` -> numeric :class:`ModelConfig` inference settings."""
-    numeric = set(INFERENCE_SETTINGS)
-    settings: dict[str, float] = {}
+def parse_settings(items: list[str], inference_only: bool = True) -> dict[str, int | float]:
+    """``["key=value", ...]`` -> numeric :class:`ModelConfig` settings, typed as the fields are.
+
+    ``inference_only``: accept only the settings that change inference, not the architecture.
+    """
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig) if f.type in ("int", "float")}
+    allowed = set(INFERENCE_SETTINGS) if inference_only else set(types)
+    settings: dict[str, int | float] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in numeric:
+        if not sep or key not in allowed:
             raise InputError(f"--set takes KEY=VALUE with KEY a numeric model setting "
-                             f"({', '.join(sorted(numeric))}), got {item!r}")
+                             f"({', '.join(sorted(allowed))}), got {item!r}")
         try:
-            settings[key] = float(value)
+            number = float(value)
         except ValueError:
             raise InputError(f"--set {key}: {value!r} is not a number") from None
+        if types[key] == "int" and number != int(number):
+            raise InputError(f"--set {key}: {value!r} must be a whole number")
+        settings[key] = int(number) if types[key] == "int" else number
     return settings
 
 

@@ -55,12 +55,43 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Put ``net`` in training mode with only the parameters named ``prefix...`` trainable
+    (all of them if ``prefixes`` is empty) and return those. A module with no trainable
+    parameter of its own runs in eval mode, so a frozen batch norm normalises with its running
+    statistics, as at inference, and does not update them."""
+    net.train()
+    if not prefixes:
+        return list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"no parameter of the network is named {prefix}...: parameter "
+                             f"names start with {sorted({n.split('.')[0] for n in names})}")
+    trainable = []
+    for name, p in net.named_parameters():
+        p.requires_grad_(name.startswith(tuple(prefixes)))
+        if p.requires_grad:
+            trainable.append(p)
+    for module in net.modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in own):
+            module.eval()
+    return trainable
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
-          init: str | None = None, progress: bool = True) -> Path:
-    """Train (or fine-tune from ``init``) and return the path of the final weights file."""
+          init: str | None = None, changes: dict | None = None, progress: bool = True) -> Path:
+    """Train (or fine-tune from ``init``) and return the path of the final weights file.
+
+    ``changes``: :class:`ModelConfig` fields replaced in the configuration of ``init`` (or of
+    ``model_cfg``), e.g. ``{"mask_roi_size": 10}``; with ``init``, only changes that keep
+    every weight's shape are possible.
+    """
     bar = None
     weights = None
-    for row in train_steps(cfg, model_cfg, resume=resume, init=init):
+    for row in train_steps(cfg, model_cfg, resume=resume, init=init, changes=changes):
         if "weights" in row:
             weights = row["weights"]
             continue
@@ -78,7 +109,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: boo
 
 
 def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
-                init: str | None = None, samples: list | None = None):
+                init: str | None = None, samples: list | None = None,
+                changes: dict | None = None):
     """The training loop as a generator: yields one row (step, seconds, lr, losses) per step,
     then ``{"weights": path}``. Closing it early saves a checkpoint (``--resume`` continues).
     ``samples`` (a list of :class:`~cellmask.train.data.Sample`) replaces reading ``cfg.data``.
@@ -110,13 +142,16 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
     else:
         state = None
     model_cfg = model_cfg or ModelConfig()
+    if changes and not start:  # a resumed run's configuration already holds them
+        model_cfg = model_cfg.replace(**changes)
 
     net = build_network(model_cfg)
     if state is not None:
         check_state(net.state_dict(), state, str(checkpoint if start else init))
         net.load_state_dict(state)
-    net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net.to(device)
+    trainable = freeze_except(net, cfg.train_only)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state:
         _restore_optimizer(opt, optimizer_state)
 
@@ -154,7 +189,7 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
                                          "or lengthen --warmup, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
             opt.step()
             done = step + 1
             row = {"step": step + 1, "seconds": round(time.monotonic() - t0, 2), "lr": lr,
