@@ -347,148 +347,180 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         model = load_model(model or "nuclei", device=device)
     scale = _resolve_scale(scale, None, model.trained_diameter)
     root = _output_root(src, output)
-    lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
     fmt = src.zarr_format if src.kind == "ome-zarr" and output is None else 3
     _check_writable(root)
-    try:
-        group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
-                              pixel_size=src.pixel_size,
-                              source="../../" if (src.kind == "ome-zarr" and output is None)
-                              else (str(src.path) if src.path else None))
-    except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
-        raise InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); pass "
-                         "a writable --out (output=)") from None
     group_dir = root / "labels" / name
     run_dir = group_dir / ".run"
-    (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
-    lock = _lock(run_dir)
-    try:
-        fp = _fingerprint(src, model, tile, halo, scale, lo, hi)
-        previous = read_json(run_dir / "run.json")
-        if previous is not None and previous.get("fingerprint") != fp:
-            raise FileExistsError(f"{group_dir} holds labels of a different run (other model, "
-                                  "image or settings): delete it or pass another name/output")
-        write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "tiles"})
-        tiles = plan_tiles(src.shape, tile, halo)
-        todo = [tl for tl in tiles if not _record_path(run_dir, tl).is_file()]
-        done = len(tiles) - len(todo)
-        objects = 0
-        t0 = time.perf_counter()
-        px = 0
-        wait_read = t_model = t_record = 0.0
-        split: dict[str, float] = {"prepare": 0.0, "network": 0.0, "masks": 0.0}
-        corrupt: list[str] = list((read_json(run_dir / "corrupt.json") or []))
-        if client is not None:
-            from cellmask.distributed import run_tiles
+    tiles = plan_tiles(src.shape, tile, halo)
+    todo = [tl for tl in tiles if not _record_path(run_dir, tl).is_file()]
+    batch = max(1, batch_size or model.default_batch_size())
+    groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
+    n_workers = max(1, int(workers or model.default_workers()))
+    limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
+    with _Reader(src, skip_corrupt, ahead=n_workers + 2 if client is None else 0) as reader:
+        reader.start(groups)  # the first windows are read while the intensity range is taken
+        lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
+        try:
+            group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
+                                  pixel_size=src.pixel_size,
+                                  source="../../" if (src.kind == "ome-zarr" and output is None)
+                                  else (str(src.path) if src.path else None))
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+            raise InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); "
+                             "pass a writable --out (output=)") from None
+        (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
+        lock = _lock(run_dir)
+        try:
+            fp = _fingerprint(src, model, tile, halo, scale, lo, hi)
+            previous = read_json(run_dir / "run.json")
+            if previous is not None and previous.get("fingerprint") != fp:
+                raise FileExistsError(f"{group_dir} holds labels of a different run (other model, "
+                                      "image or settings): delete it or pass another name/output")
+            write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "tiles"})
+            done = len(tiles) - len(todo)
+            objects = 0
+            t0 = time.perf_counter()
+            px = 0
+            wait_read = t_model = t_record = 0.0
+            split: dict[str, float] = {"prepare": 0.0, "network": 0.0, "masks": 0.0}
+            corrupt: list[str] = list((read_json(run_dir / "corrupt.json") or []))
+            if client is not None:
+                from cellmask.distributed import run_tiles
 
-            for n_found, tl in run_tiles(client, model, src, todo, lo, hi, scale, run_dir):
-                done += 1
-                objects += n_found
-                px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                               time.perf_counter() - t0)
-        else:
-            batch = max(1, batch_size or model.default_batch_size())
-            groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
-            n_workers = max(1, int(workers or model.default_workers()))
-            limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
-            timer = _TileTimer(split)
-            with ThreadPoolExecutor(1) as reader, ModelThreads(model, n_workers) as pool:
-                def read(tiles_: list[Tile]):
-                    return [read_window(src, tl.window, skip_corrupt) for tl in tiles_]
+                for n_found, tl in run_tiles(client, model, src, todo, lo, hi, scale, run_dir):
+                    done += 1
+                    objects += n_found
+                    px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                    yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                                   time.perf_counter() - t0)
+            else:
+                timer = _TileTimer(split)
+                with ModelThreads(model, n_workers) as pool:
+                    # reading runs ahead of the network; up to ``n_workers`` batches are in the
+                    # network at once (tiles are independent; records are per tile)
+                    running: deque = deque()
+                    finished = 0
+                    for k, batch_tiles in enumerate(groups):
+                        tw = time.perf_counter()
+                        read_out = reader.take()
+                        wait_read += time.perf_counter() - tw
+                        for _, bad in read_out:
+                            for name_ in bad:
+                                if name_ not in corrupt:
+                                    corrupt.append(name_)
+                                    log.warning("skipping corrupt %s: its pixels read as 0", name_)
+                                    write_json_atomic(run_dir / "corrupt.json", corrupt)
+                        running.append((batch_tiles, pool.submit(
+                            timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
+                            lo, hi, scale)))
+                        del read_out
+                        # one batch more than workers in flight: a worker that finishes finds
+                        # its next batch queued while this thread saves the finished one
+                        while running and (len(running) > n_workers or k == len(groups) - 1):
+                            tiles_done, future = running.popleft()
+                            found = future.result()
+                            finished += 1
+                            if finished % 4 == 0 and finished < len(groups):
+                                trim()  # returning freed heap costs ~40 ms a call
+                            for tl, inst in zip(tiles_done, found):
+                                t_w = time.perf_counter()
+                                save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                                t_record += time.perf_counter() - t_w
+                                done += 1
+                                objects += len(inst)
+                                px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                                yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                                               time.perf_counter() - t0)
+                t_model = timer.seconds
+                split["network_wall"] = timer.network_wall()
+            t_tiles = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
+            c = model.config
+            kept = resolve(InstanceSet.concatenate(parts),
+                           min_visible_fraction=c.min_visible_fraction, min_area=c.min_area)
+            _check_halo(kept, halo, scale)
+            index = SpatialIndex(kept, tile)
+            level0 = group["0"]
 
-                # reading runs ahead of the network; up to ``n_workers`` batches are in the
-                # network at once (tiles are independent; records are per tile)
-                reads = deque(reader.submit(read, g) for g in groups[:n_workers + 2])
-                running: deque = deque()
-                finished = 0
-                for k, batch_tiles in enumerate(groups):
-                    tw = time.perf_counter()
-                    read_out = reads.popleft().result()
-                    if k + n_workers + 2 < len(groups):
-                        reads.append(reader.submit(read, groups[k + n_workers + 2]))
-                    wait_read += time.perf_counter() - tw
-                    for _, bad in read_out:
-                        for name_ in bad:
-                            if name_ not in corrupt:
-                                corrupt.append(name_)
-                                log.warning("skipping corrupt %s: its pixels read as 0", name_)
-                                write_json_atomic(run_dir / "corrupt.json", corrupt)
-                    running.append((batch_tiles, pool.submit(
-                        timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
-                        lo, hi, scale)))
-                    del read_out
-                    # one batch more than workers in flight: a worker that finishes finds
-                    # its next batch queued while this thread saves the finished one
-                    while running and (len(running) > n_workers or k == len(groups) - 1):
-                        tiles_done, future = running.popleft()
-                        found = future.result()
-                        finished += 1
-                        if finished % 4 == 0:  # returning freed heap costs ~40 ms a call
-                            trim()
-                        for tl, inst in zip(tiles_done, found):
-                            t_w = time.perf_counter()
-                            save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
-                            t_record += time.perf_counter() - t_w
-                            done += 1
-                            objects += len(inst)
-                            px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                            yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                                           time.perf_counter() - t0)
-            t_model = timer.seconds
-            split["network_wall"] = timer.network_wall()
-        t_tiles = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
-        c = model.config
-        kept = resolve(InstanceSet.concatenate(parts), min_visible_fraction=c.min_visible_fraction,
-                       min_area=c.min_area)
-        _check_halo(kept, halo, scale)
-        index = SpatialIndex(kept, tile)
-        level0 = group["0"]
+            def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
+                y0, y1, x0, x1 = tl.core
+                level0[y0:y1, x0:x1] = paint_region(kept, index, tl.core)
 
-        def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
-            y0, y1, x0, x1 = tl.core
-            level0[y0:y1, x0:x1] = paint_region(kept, index, tl.core)
+            # the cores are otherwise idle here; encoding chunks releases the GIL
+            with ThreadPoolExecutor(_output_threads()) as painters:
+                for k, _ in enumerate(painters.map(paint, tiles)):
+                    yield Progress("paint", k + 1, len(tiles), len(kept))
+                write_pyramid(group, painters)
+            t_paint = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            table = None
+            if measure:
+                from cellmask.measure import measure_instances
 
-        # the cores are otherwise idle here; encoding chunks releases the GIL
-        with ThreadPoolExecutor(_output_threads()) as painters:
-            for k, _ in enumerate(painters.map(paint, tiles)):
-                yield Progress("paint", k + 1, len(tiles), len(kept))
-            write_pyramid(group, painters)
-        t_paint = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        table = None
-        if measure:
-            from cellmask.measure import measure_instances
+                table = measure_instances(kept, src, tile,
+                                          read=lambda r: read_window(src, r, skip_corrupt)[0])
+                table.to_parquet(group_dir / "measurements.parquet", index=False)
+                table.to_csv(group_dir / "measurements.csv", index=False)
+            t_measure = time.perf_counter() - t2
+            write_json_atomic(run_dir / "corrupt.json", corrupt)
+            if corrupt:  # mark them where every reader of the labels sees them
+                group.attrs["cellmask"] = {"corrupt_input_chunks": corrupt}
+            write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
+                                                     "objects": len(kept)})
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                finished = len(list((run_dir / "tiles").glob("*_*.npz")))
+                raise OSError(err.errno, f"the disk holding {root} is full ({err.strerror}); "
+                              f"{finished} tile results are saved: free some space and run the "
+                              "same command again to continue") from None
+            raise
+        finally:
+            lock.unlink(missing_ok=True)
+        import dask.array as da
 
-            table = measure_instances(kept, src, tile,
-                                      read=lambda r: read_window(src, r, skip_corrupt)[0])
-            table.to_parquet(group_dir / "measurements.parquet", index=False)
-            table.to_csv(group_dir / "measurements.csv", index=False)
-        t_measure = time.perf_counter() - t2
-        write_json_atomic(run_dir / "corrupt.json", corrupt)
-        if corrupt:  # mark them where every reader of the labels sees them
-            group.attrs["cellmask"] = {"corrupt_input_chunks": corrupt}
-        write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
-                                                 "objects": len(kept)})
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            finished = len(list((run_dir / "tiles").glob("*_*.npz")))
-            raise OSError(err.errno, f"the disk holding {root} is full ({err.strerror}); "
-                          f"{finished} tile results are saved: free some space and run the "
-                          "same command again to continue") from None
-        raise
-    finally:
-        lock.unlink(missing_ok=True)
-    import dask.array as da
+        timings = {"setup": t0 - t_start, "tiles": t_tiles, "model": t_model, **split,
+                   "read_wait": wait_read, "records": t_record, "stitch_paint": t_paint,
+                   "measure": t_measure, "total": time.perf_counter() - t_start}
+        yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
+        yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table,
+                                 len(kept), timings, corrupt)
 
-    timings = {"setup": t0 - t_start, "tiles": t_tiles, "model": t_model, **split,
-               "read_wait": wait_read, "records": t_record, "stitch_paint": t_paint,
-               "measure": t_measure, "total": time.perf_counter() - t_start}
-    yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
-    yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table, len(kept),
-                             timings, corrupt)
+
+class _Reader:
+    """Reads tile windows in a background thread, ``ahead`` batches in front of the consumer;
+    started before the run's setup, so that the network's first inputs are ready."""
+
+    def __init__(self, src: ImageSource, skip_corrupt: bool, ahead: int):
+        self.src, self.skip_corrupt, self.ahead = src, skip_corrupt, ahead
+        self.pool = ThreadPoolExecutor(1) if ahead else None
+        self.queue: deque = deque()
+        self.groups: list[list[Tile]] = []
+        self.next = 0
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, tiles: list[Tile]):
+        return [read_window(self.src, tl.window, self.skip_corrupt) for tl in tiles]
+
+    def start(self, groups: list[list[Tile]]) -> None:
+        self.groups = groups
+        while self.pool is not None and self.next < min(len(groups), self.ahead):
+            self.queue.append(self.pool.submit(self._read, groups[self.next]))
+            self.next += 1
+
+    def take(self):
+        """``[(window, corrupt chunks), ...]`` of the next batch, in order."""
+        out = self.queue.popleft().result()
+        if self.next < len(self.groups):
+            self.queue.append(self.pool.submit(self._read, self.groups[self.next]))
+            self.next += 1
+        return out
 
 
 def _output_threads() -> int:

@@ -18,7 +18,6 @@ image; every mask is boolean ``(y1 - y0, x1 - x0)`` over its window.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,50 +83,85 @@ def resolve(inst: InstanceSet, *, min_visible_fraction: float = 0.5, min_area: i
             cell: int = 64) -> InstanceSet:
     """The kept instances, in id order (id = position + 1), with their visible (disjoint) masks.
 
-    ``cell`` is the bucket size of the neighbour index: about the size of an object, so that
-    each instance is compared with a handful of neighbours, not with a whole tile's.
+    Each instance, in priority order, loses the pixels of the kept instances before it whose
+    windows intersect its own; those pairs are found at once, vectorised, from a grid of
+    ``cell``-sized buckets (about the size of an object), so the sequential part only visits
+    each instance's few neighbours.
     """
     order = priority_order(inst)
-    windows = inst.windows.tolist()
-    grid: dict[tuple[int, int], list[int]] = defaultdict(list)
+    windows = inst.windows[order]
+    before = _intersecting_predecessors(windows, cell)
+    wins = windows.tolist()
+    kept_at = np.full(len(order), -1, np.int64)  # rank -> position among the kept
     kept_w: list[list[int]] = []
     kept_m: list[np.ndarray] = []
     kept_s: list[float] = []
-    for i in order.tolist():
-        x0, y0, x1, y1 = windows[i]
+    for rank, i in enumerate(order.tolist()):
         mask = inst.masks[i]
         area = int(np.count_nonzero(mask))
         if area < min_area:
             continue
-        cells = [(cy, cx) for cy in range(y0 // cell, (max(y1, y0 + 1) - 1) // cell + 1)
-                 for cx in range(x0 // cell, (max(x1, x0 + 1) - 1) // cell + 1)]
+        x0, y0, x1, y1 = wins[rank]
         free = mask
-        seen: set[int] = set()
-        for c in cells:
-            for k in grid.get(c, ()):
-                if k in seen:
-                    continue
-                seen.add(k)
-                kx0, ky0, kx1, ky1 = kept_w[k]
-                ix0, iy0, ix1, iy1 = max(x0, kx0), max(y0, ky0), min(x1, kx1), min(y1, ky1)
-                if ix0 >= ix1 or iy0 >= iy1:
-                    continue
-                if free is mask:
-                    free = mask.copy()
-                free[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] &= \
-                    ~kept_m[k][iy0 - ky0:iy1 - ky0, ix0 - kx0:ix1 - kx0]
+        for k in kept_at[before[rank]].tolist():
+            if k < 0:
+                continue
+            kx0, ky0, kx1, ky1 = kept_w[k]
+            ix0, iy0, ix1, iy1 = max(x0, kx0), max(y0, ky0), min(x1, kx1), min(y1, ky1)
+            if free is mask:
+                free = mask.copy()
+            free[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] &= \
+                ~kept_m[k][iy0 - ky0:iy1 - ky0, ix0 - kx0:ix1 - kx0]
         visible = area if free is mask else int(np.count_nonzero(free))
         if visible < min_area or visible < min_visible_fraction * area:
             continue
-        k = len(kept_w)
+        kept_at[rank] = len(kept_w)
         kept_w.append([x0, y0, x1, y1])
         kept_m.append(free)
         kept_s.append(float(inst.scores[i]))
-        for c in cells:
-            grid[c].append(k)
     if not kept_w:
         return InstanceSet.empty()
     return InstanceSet(np.array(kept_w, np.int64), np.array(kept_s, np.float32), kept_m)
+
+
+def _cell_entries(windows: np.ndarray, cell: int):
+    """``(owner, cell_y, cell_x)``: one entry per window and ``cell``-sized grid cell it
+    touches (a window of zero width or height touches the cell of its corner)."""
+    x0, y0, x1, y1 = (windows[:, k] for k in range(4))
+    cx0, cy0 = x0 // cell, y0 // cell
+    nx = (np.maximum(x1, x0 + 1) - 1) // cell - cx0 + 1
+    ny = (np.maximum(y1, y0 + 1) - 1) // cell - cy0 + 1
+    per = nx * ny
+    owner = np.repeat(np.arange(len(windows)), per)
+    within = np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)
+    return owner, cy0[owner] + within // nx[owner], cx0[owner] + within % nx[owner]
+
+
+def _intersecting_predecessors(windows: np.ndarray, cell: int) -> list[np.ndarray]:
+    """For each window ``b`` (rows of ``(N, 4)`` ``[x0, y0, x1, y1]``), the sorted indices
+    ``a < b`` of the windows that overlap it by at least one pixel."""
+    n = len(windows)
+    if n == 0:
+        return []
+    x0, y0, x1, y1 = (windows[:, k] for k in range(4))
+    owner, ey, ex = _cell_entries(windows, cell)
+    key = (ey - ey.min()) * (int(ex.max() - ex.min()) + 1) + (ex - ex.min())
+    by = np.lexsort((owner, key))
+    key, owner = key[by], owner[by]
+    # within each cell, every entry pairs with the entries after it (larger window index)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    size = np.diff(np.r_[starts, len(key)])
+    cell_of = np.repeat(np.arange(len(starts)), size)
+    after = starts[cell_of] + size[cell_of] - np.arange(len(key)) - 1  # entries after me
+    a = np.repeat(owner, after)
+    first = np.repeat(np.arange(len(key)) + 1, after)
+    b = owner[first + np.arange(int(after.sum())) - np.repeat(np.cumsum(after) - after, after)]
+    pairs = np.unique(b * n + a)  # a pair sharing several cells counts once; sorted by b, a
+    b, a = pairs // n, pairs % n
+    hit = (np.minimum(x1[a], x1[b]) > np.maximum(x0[a], x0[b])) & \
+          (np.minimum(y1[a], y1[b]) > np.maximum(y0[a], y0[b]))
+    a, b = a[hit], b[hit]
+    return np.split(a, np.searchsorted(b, np.arange(1, n)))
 
 
 class SpatialIndex:
@@ -136,16 +170,19 @@ class SpatialIndex:
     def __init__(self, inst: InstanceSet, cell: int):
         self.inst = inst
         self.cell = cell
-        self.grid: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for k, w in enumerate(inst.windows):
-            for c in _cells(w, cell):
-                self.grid[c].append(k)
+        self.grid: dict[tuple[int, int], np.ndarray] = {}
+        if len(inst):
+            owner, ey, ex = _cell_entries(inst.windows, cell)
+            by = np.lexsort((owner, ex, ey))
+            owner, ey, ex = owner[by], ey[by], ex[by]
+            starts = np.flatnonzero(np.r_[True, (ey[1:] != ey[:-1]) | (ex[1:] != ex[:-1])])
+            for start, part in zip(starts.tolist(), np.split(owner, starts[1:])):
+                self.grid[int(ey[start]), int(ex[start])] = part
 
     def query(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
-        found: set[int] = set()
-        for c in _cells(np.array([x0, y0, x1, y1]), self.cell):
-            found.update(self.grid.get(c, ()))
-        return sorted(found)
+        found = [self.grid[c] for c in _cells(np.array([x0, y0, x1, y1]), self.cell)
+                 if c in self.grid]
+        return np.unique(np.concatenate(found)).tolist() if found else []
 
 
 def paint_region(inst: InstanceSet, index: SpatialIndex, region: tuple[int, int, int, int],

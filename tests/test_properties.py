@@ -70,6 +70,41 @@ def test_stitched_labels_do_not_depend_on_chunking_or_order(seed, h, w, n, chunk
     assert np.array_equal(painted(shuffled, (h, w), chunk), reference)
 
 
+def resolve_by_canvas(inst, min_visible_fraction, min_area, shape):
+    """What ``resolve`` must compute, written the plain way: instances in priority order claim
+    the unclaimed pixels of a full canvas."""
+    from cellmask.stitch import priority_order
+
+    canvas = np.zeros(shape, bool)
+    kept = []
+    for i in priority_order(inst):
+        x0, y0, x1, y1 = inst.windows[i]
+        mask = inst.masks[i]
+        free = mask & ~canvas[y0:y1, x0:x1]
+        area, visible = int(mask.sum()), int(free.sum())
+        if area < min_area or visible < min_area or visible < min_visible_fraction * area:
+            continue
+        canvas[y0:y1, x0:x1] |= free
+        kept.append(((x0, y0, x1, y1), free))
+    return kept
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 80), cell=st.integers(1, 90),
+       fraction=st.sampled_from([0.0, 0.5, 0.8]))
+def test_resolve_equals_claiming_pixels_on_a_canvas(seed, n, cell, fraction):
+    inst = random_instances(seed, (70, 90), n)
+    if n:  # a degenerate (empty) window and mask among them
+        inst = InstanceSet(np.vstack([inst.windows, [[5, 7, 5, 7]]]),
+                           np.append(inst.scores, 0.5).astype(np.float32),
+                           inst.masks + [np.zeros((0, 0), bool)])
+    got = resolve(inst, min_visible_fraction=fraction, min_area=3, cell=cell)
+    want = resolve_by_canvas(inst, fraction, 3, (70, 90))
+    assert len(got) == len(want)
+    for k, (window, mask) in enumerate(want):
+        assert tuple(got.windows[k]) == window and np.array_equal(got.masks[k], mask)
+
+
 @FAST
 @given(seed=st.integers(0, 10_000), n=st.integers(0, 40))
 def test_metrics_properties(seed, n):
