@@ -1,6 +1,6 @@
 """Evaluation tables of a model on the DSB2018 test splits (pooled over objects).
 
-    python benchmarks/accuracy.py [--model nuclei] [--splits test.txt fluo_test.txt other_test.txt]
+    python benchmarks/accuracy.py [--model nuclei] [--precision fp32] [--splits test.txt ...]
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from cellmask.evaluate import evaluate_split, format_table  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="nuclei")
+    p.add_argument("--precision", default="auto", help="auto, fp32, mixed, bf16 or fp16")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--splits", nargs="+", default=["test.txt", "fluo_test.txt", "other_test.txt"])
     args = p.parse_args()
-    model = cellmask.load_model(args.model, device="cpu")
+    model = cellmask.load_model(args.model, device="cpu", precision=args.precision)
+    print(f"# model {args.model}, precision {model.precision}")
     for split in args.splits:
         t0 = time.perf_counter()
         ev = evaluate_split(model, args.data, f"splits/{split}")

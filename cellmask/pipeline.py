@@ -15,7 +15,6 @@ on the same output while one is alive is refused.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -166,12 +165,8 @@ def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
 
 
 def _fingerprint(src: ImageSource, model, tile, halo, scale, lo, hi) -> dict:
-    digest = hashlib.sha256()
-    for k, v in sorted(model.net.state_dict().items()):
-        digest.update(k.encode())
-        digest.update(v.detach().cpu().numpy().tobytes())
     return {"shape": list(src.shape), "channels": int(src.array.shape[2]),
-            "dtype": str(src.array.dtype), "model": digest.hexdigest()[:16],
+            "dtype": str(src.array.dtype), "model": model.weights_digest,
             "config": json.loads(model.config.to_json()), "tile": tile, "halo": halo,
             "scale": scale, "lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -54,14 +55,28 @@ class Model:
         self.name = name
         self.meta = dict(meta or {})
         set_inference_thresholds(self.runner, config)
+        self._digest: str | None = None
         self._copies: list[Model] = []
         self._copies_lock = threading.Lock()
 
     def with_config(self, **changes) -> "Model":
         """A model sharing these weights with other inference thresholds (for tuning)."""
         config = dataclasses.replace(self.config, **changes)
-        return Model(self.net, config, name=self.name, meta=self.meta, device=self.device,
-                     precision=self.precision)
+        model = Model(self.net, config, name=self.name, meta=self.meta, device=self.device,
+                      precision=self.precision)
+        model._digest = self._digest
+        return model
+
+    @property
+    def weights_digest(self) -> str:
+        """SHA-256 (hex, 16 digits) of the weights the running network was copied from."""
+        if self._digest is None:
+            digest = hashlib.sha256()
+            for k, v in sorted(self.net.state_dict().items()):
+                digest.update(k.encode())
+                digest.update(v.detach().cpu().numpy().tobytes())
+            self._digest = digest.hexdigest()[:16]
+        return self._digest
 
     @property
     def trained_diameter(self) -> float:
