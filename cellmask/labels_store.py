@@ -53,6 +53,22 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
     return group
 
 
+def check_shape(root: Path, name: str, shape: tuple[int, int]) -> None:
+    """Refuse, before anything is written, labels ``name`` that exist with another shape."""
+    path = Path(root) / "labels" / name / DATASETS[0]
+    if not path.exists():
+        return
+    import zarr
+
+    try:
+        existing = tuple(zarr.open_array(str(path), mode="r").shape)
+    except Exception:  # not a readable array: create_labels will say what is wrong
+        return
+    if existing != tuple(shape):
+        raise FileExistsError(f"{root}/labels/{name} exists with another shape {existing}: "
+                              "delete it or choose another name")
+
+
 def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
     sy, sx = pixel_size or (1.0, 1.0)
     datasets = [{"path": p, "coordinateTransformations": [

@@ -62,12 +62,17 @@ def percentile_range(chw: np.ndarray, percentiles: tuple[float, float],
 
 
 def apply_range(chw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Map each channel of ``(C, H, W)`` so ``lo`` -> 0 and ``hi`` -> 1; returns 3 channels."""
+    """Map each channel of ``(C, H, W)`` (any real dtype) so ``lo`` -> 0 and ``hi`` -> 1, in
+    float32; returns 3 channels, written once into one array."""
+    lo = np.asarray(lo, np.float32)
     span = np.maximum(hi - lo, 1e-6).astype(np.float32)
-    out = (chw - lo[:, None, None]) / span[:, None, None]
-    if out.shape[0] == 1:
-        out = np.repeat(out, 3, axis=0)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    c = chw.shape[0]
+    out = np.empty((3 if c == 1 else c,) + chw.shape[1:], np.float32)
+    np.subtract(chw, lo[:, None, None], out=out[:c], dtype=np.float32)
+    np.divide(out[:c], span[:, None, None], out=out[:c])
+    if c == 1:
+        out[1:] = out[0]
+    return out
 
 
 def normalize(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8)) -> np.ndarray:

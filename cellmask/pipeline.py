@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cellmask.labels_store import (create_labels, labels_level0, read_json, save_npz_atomic,
-                                   write_json_atomic, write_pyramid)
+from cellmask.labels_store import (check_shape, create_labels, labels_level0, read_json,
+                                   save_npz_atomic, write_json_atomic, write_pyramid)
 from cellmask.memory import limit_arenas, trim
 from cellmask.model.paint import Instances, local_masks, pixel_windows
 from cellmask.normalize import InputError, apply_range, percentile_range
@@ -226,8 +226,8 @@ def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    chw = np.moveaxis(window, -1, 0).astype(np.float32)
-    if not np.isfinite(chw).all():
+    chw = np.moveaxis(window, -1, 0)
+    if chw.dtype.kind == "f" and not np.isfinite(chw).all():  # integers cannot be NaN
         y0, y1, x0, x1 = region
         raise InputError(f"the image has NaN or infinite pixels in y {y0}:{y1}, x {x0}:{x1}: "
                          "replace them (e.g. with 0) before segmenting")
@@ -355,16 +355,24 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     with _Reader(src, skip_corrupt, ahead=n_workers + 2 if client is None else 0) as reader:
         reader.start(groups)  # the first windows are read while the intensity range is taken
         lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
+        def create_output():
+            try:
+                return create_labels(root, name, src.shape, tile, zarr_format=fmt,
+                                     pixel_size=src.pixel_size,
+                                     source="../../" if (src.kind == "ome-zarr" and output is None)
+                                     else (str(src.path) if src.path else None))
+            except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+                raise InputError(f"cannot write the output {root} ({type(err).__name__}: "
+                                 f"{err}); pass a writable --out (output=)") from None
+
+        check_shape(root, name, src.shape)
         try:
-            group = create_labels(root, name, src.shape, tile, zarr_format=fmt,
-                                  pixel_size=src.pixel_size,
-                                  source="../../" if (src.kind == "ome-zarr" and output is None)
-                                  else (str(src.path) if src.path else None))
-        except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+            (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
             raise InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); "
                              "pass a writable --out (output=)") from None
-        (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
         lock = _lock(run_dir)
+        group = None  # the label arrays are created while the first tiles are in the network
         try:
             fp = _fingerprint(src, model, tile, halo, scale, lo, hi)
             previous = read_json(run_dir / "run.json")
@@ -382,6 +390,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             if client is not None:
                 from cellmask.distributed import run_tiles
 
+                group = create_output()
                 for n_found, tl in run_tiles(client, model, src, todo, lo, hi, scale, run_dir):
                     done += 1
                     objects += n_found
@@ -409,6 +418,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                             timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
                             lo, hi, scale)))
                         del read_out
+                        if group is None and (k + 1 == n_workers or k == len(groups) - 1):
+                            group = create_output()  # this thread is idle until a tile is done
                         # one batch more than workers in flight: a worker that finishes finds
                         # its next batch queued while this thread saves the finished one
                         while running and (len(running) > n_workers or k == len(groups) - 1):
@@ -428,6 +439,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                                                time.perf_counter() - t0)
                 t_model = timer.seconds
                 split["network_wall"] = timer.network_wall()
+            if group is None:  # nothing was left to detect
+                group = create_output()
             t_tiles = time.perf_counter() - t0
             t1 = time.perf_counter()
             parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]

@@ -181,6 +181,17 @@ def test_different_settings_do_not_mix(tmp_path):
                               progress=False)
 
 
+def test_labels_of_another_shape_are_refused_before_anything_is_written(tmp_path):
+    cellmask.segment_zarr(np.zeros((64, 64), np.uint8), tmp_path / "o.zarr", tile=32, halo=8,
+                          model=_tiny_model(), progress=False)
+    run_json = tmp_path / "o.zarr" / "labels" / "cellmask" / ".run" / "run.json"
+    before = run_json.read_text()
+    with pytest.raises(FileExistsError, match="another shape"):
+        cellmask.segment_zarr(np.zeros((96, 64), np.uint8), tmp_path / "o.zarr", tile=32,
+                              halo=8, model=_tiny_model(), progress=False)
+    assert run_json.read_text() == before
+
+
 def test_resume_after_sigkill_gives_identical_labels(tmp_path, shipped_model):
     from benchmarks.mosaic import dense_mosaic  # noqa: F401  (repo root importable)
 
