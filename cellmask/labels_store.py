@@ -4,7 +4,9 @@ Layout (``ROOT`` is the input OME-Zarr, or a new store)::
 
     ROOT/labels/            group, attribute "labels": [..., NAME]
     ROOT/labels/NAME/       group: multiscales (NGFF 0.5 on zarr v3, 0.4 on zarr v2) + image-label
-    ROOT/labels/NAME/0 1 2  int32 arrays (Y, X), chunks (chunk, chunk), nearest downsampling by 2
+    ROOT/labels/NAME/0 1 2  int32 arrays (Y, X), nearest downsampling by 2 per level, chunks
+                            (chunk, chunk) halved per level: a tile of level 0 downsamples
+                            to exactly one chunk of each level, written with it
     ROOT/labels/NAME/.run/  the run's state (lock, fingerprint, per-tile instance records)
     ROOT/labels/NAME/measurements.parquet, measurements.csv
 
@@ -41,13 +43,14 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
     shapes = [shape]
     for _ in DATASETS[1:]:
         shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
-    for path, shp in zip(DATASETS, shapes):
+    for level, (path, shp) in enumerate(zip(DATASETS, shapes)):
         if path in group:
             if tuple(group[path].shape) != tuple(shp):
                 raise FileExistsError(f"{root}/labels/{name} exists with another shape "
                                       f"{group[path].shape}: delete it or choose another name")
             continue
-        group.create_array(path, shape=shp, chunks=(min(chunk, shp[0]), min(chunk, shp[1])),
+        side = max(1, chunk >> level)
+        group.create_array(path, shape=shp, chunks=(min(side, shp[0]), min(side, shp[1])),
                            dtype="int32", fill_value=0)
     _write_metadata(group, zarr_format, pixel_size, source)
     return group
@@ -87,6 +90,30 @@ def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
         multiscales[0]["version"] = "0.4"
         image_label["version"] = "0.4"
         group.attrs.update({"multiscales": multiscales, "image-label": image_label})
+
+
+def tile_pyramid(group, tile: int) -> bool:
+    """Whether every level's chunks are the level-0 ``tile`` downsampled (so that a painted
+    tile can write its own piece of each level: :func:`write_levels`)."""
+    if tile % 2 ** (len(DATASETS) - 1):
+        return False
+    for level, path in enumerate(DATASETS):
+        arr = group[path]
+        side = tile >> level
+        if tuple(arr.chunks) != (min(side, arr.shape[0]), min(side, arr.shape[1])):
+            return False
+    return True
+
+
+def write_levels(group, core: tuple[int, int, int, int], labels: np.ndarray) -> None:
+    """Write the painted ``labels`` of a tile ``core`` ``(y0, y1, x0, x1)`` into level 0 and
+    its nearest-neighbour downsampling into the other levels (whole chunks each, when
+    :func:`tile_pyramid` holds: tiles can then be written in parallel)."""
+    y0, _, x0, _ = core
+    for level, path in enumerate(DATASETS):
+        f = 2 ** level
+        piece = labels[::f, ::f]
+        group[path][y0 // f:y0 // f + piece.shape[0], x0 // f:x0 // f + piece.shape[1]] = piece
 
 
 def write_pyramid(group, pool=None) -> None:

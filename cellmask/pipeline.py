@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from cellmask.labels_store import (check_shape, create_labels, labels_level0, read_json,
-                                   save_npz_atomic, write_json_atomic, write_pyramid)
+                                   save_npz_atomic, tile_pyramid, write_json_atomic,
+                                   write_levels, write_pyramid)
 from cellmask.memory import limit_arenas, trim
 from cellmask.model.paint import Instances, local_masks, pixel_windows
 from cellmask.normalize import InputError, apply_range, percentile_range
@@ -450,16 +451,22 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             _check_halo(kept, halo, scale)
             index = SpatialIndex(kept, tile)
             level0 = group["0"]
+            whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
 
             def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
-                y0, y1, x0, x1 = tl.core
-                level0[y0:y1, x0:x1] = paint_region(kept, index, tl.core)
+                labels = paint_region(kept, index, tl.core)
+                if whole_chunks:
+                    write_levels(group, tl.core, labels)
+                else:
+                    y0, y1, x0, x1 = tl.core
+                    level0[y0:y1, x0:x1] = labels
 
             # the cores are otherwise idle here; encoding chunks releases the GIL
             with ThreadPoolExecutor(_output_threads()) as painters:
                 for k, _ in enumerate(painters.map(paint, tiles)):
                     yield Progress("paint", k + 1, len(tiles), len(kept))
-                write_pyramid(group, painters)
+                if not whole_chunks:
+                    write_pyramid(group, painters)
             t_paint = time.perf_counter() - t1
             t2 = time.perf_counter()
             table = None

@@ -315,6 +315,28 @@ def test_corrupt_chunk_is_named(tmp_path):
                               model=_tiny_model())
 
 
+@pytest.mark.parametrize("layout", ["new", "equal-chunks"])
+def test_pyramid_levels_downsample_level0_for_any_shape(tmp_path, layout):
+    _, truth = load_fixture("fluo_29dd28df98ee")
+    truth = truth[:203, :177].astype(np.int32)  # odd sides: partial chunks at every level
+    image = np.where(truth > 0, 200, 10).astype(np.uint8)
+    out = tmp_path / "o.zarr"
+    if layout == "equal-chunks":  # labels written by an older cellmask: same chunks per level
+        labels = zarr.open_group(str(out), mode="w").require_group("labels")
+        group = labels.require_group("cellmask")
+        for path, shape in (("0", (203, 177)), ("1", (102, 89)), ("2", (51, 45))):
+            group.create_array(path, shape=shape, chunks=(64, 64), dtype="int32", fill_value=0)
+    cellmask.segment_zarr(image, out, tile=64, halo=16, progress=False,
+                          detector=oracle(truth), model=_tiny_model(), measure=False)
+    group = zarr.open_group(str(out / "labels" / "cellmask"), mode="r")
+    level0 = group["0"][:]
+    assert level0.max() > 10
+    assert np.array_equal(group["1"][:], level0[::2, ::2])
+    assert np.array_equal(group["2"][:], level0[::4, ::4])
+    if layout == "new":
+        assert [group[p].chunks for p in "012"] == [(64, 64), (32, 32), (16, 16)]
+
+
 def test_pyramidal_bigtiff(tmp_path, shipped_model):
     import tifffile
 
