@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from skimage.morphology import convex_hull_image
 
+from cellmask.sources import sync_scheduler
+
 SHAPE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity", "perimeter",
                     "axis_major_length", "axis_minor_length", "orientation")
 INTENSITY_PROPERTIES = ("intensity_mean", "intensity_min", "intensity_max")
@@ -263,7 +265,7 @@ def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame
             x0, y0, x1, y1 = (int(v) for v in kept.windows[k])
             local[y0 - ry0 + 1:y1 - ry0 + 1, x0 - rx0 + 1:x1 - rx0 + 1][kept.masks[k]] = k + 1
         region = (read((ry0, ry1, rx0, rx1)) if read is not None
-                  else source.array[ry0:ry1, rx0:rx1].compute(scheduler="synchronous"))
+                  else source.array[ry0:ry1, rx0:rx1].compute(scheduler=sync_scheduler))
         region = np.asarray(region, dtype=np.float64)
         image = np.zeros(local.shape + region.shape[2:], np.float64)
         image[1:-1, 1:-1] = region

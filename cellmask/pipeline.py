@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +36,7 @@ from cellmask.labels_store import (check_shape, create_labels, labels_level0, re
 from cellmask.memory import limit_arenas, trim
 from cellmask.model.paint import Instances, local_masks, pixel_windows
 from cellmask.normalize import InputError, apply_range, percentile_range
-from cellmask.sources import ImageSource, open_image
+from cellmask.sources import ImageSource, open_image, sync_scheduler, threaded_scheduler
 from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
 from cellmask.tiling import Tile, plan_tiles
 from cellmask.workers import ModelThreads
@@ -141,15 +142,16 @@ def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
     c = src.array.shape[2]
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
     try:
-        # threads named explicitly: sampling is local, and dask need not look for a cluster
-        sample = np.asarray(src.array[::step, ::step].compute(scheduler="threads")).reshape(-1, c)
+        # a local threaded read (cellmask.sources.sync_scheduler says why it is a function)
+        sample = src.array[::step, ::step].compute(scheduler=threaded_scheduler)
+        sample = np.asarray(sample).reshape(-1, c)
     except Exception:  # a corrupt chunk: sample chunk by chunk (named error, or skipped)
         parts = []
         for i, j, box in _chunks_in(src, (0, h, 0, w)):
             oy, ox = (-box[0]) % step, (-box[2]) % step
             try:
                 block = src.array[box[0] + oy:box[1]:step,
-                                  box[2] + ox:box[3]:step].compute(scheduler="synchronous")
+                                  box[2] + ox:box[3]:step].compute(scheduler=sync_scheduler)
             except Exception:  # this chunk is broken
                 if not skip_corrupt:
                     raise InputError(f"cannot read {src.path or 'the image'}: "
@@ -199,7 +201,7 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
     y0, y1, x0, x1 = region
     try:
         # synchronous: a window is a few chunks, read in the calling (reader) thread
-        return np.asarray(src.array[y0:y1, x0:x1].compute(scheduler="synchronous")), []
+        return np.asarray(src.array[y0:y1, x0:x1].compute(scheduler=sync_scheduler)), []
     except Exception as err:  # codecs raise many types: find the broken chunks
         first_error = f"{type(err).__name__}: {err}"
     out = np.zeros((y1 - y0, x1 - x0, src.array.shape[2]), src.array.dtype)
@@ -208,7 +210,7 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
         iy0, iy1, ix0, ix1 = max(box[0], y0), min(box[1], y1), max(box[2], x0), min(box[3], x1)
         try:
             out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = \
-                src.array[iy0:iy1, ix0:ix1].compute(scheduler="synchronous")
+                src.array[iy0:iy1, ix0:ix1].compute(scheduler=sync_scheduler)
         except Exception:  # this chunk is broken
             name = _chunk_name(src, i, j, box)
             if not skip_corrupt:
@@ -353,8 +355,14 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
     n_workers = max(1, int(workers or model.default_workers()))
     limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
-    with _Reader(src, skip_corrupt, ahead=n_workers + 2 if client is None else 0) as reader:
-        reader.start(groups)  # the first windows are read while the intensity range is taken
+    local = client is None and bool(groups)
+    with _Reader(src, skip_corrupt, ahead=n_workers + 2 if local else 0) as reader, \
+            (ModelThreads(model, n_workers) if local else nullcontext()) as pool:
+        # the first windows are read, and the tile workers' network copies made, while the
+        # intensity range is taken
+        reader.start(groups)
+        if pool is not None:
+            pool.start()
         lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
         def create_output():
             try:
@@ -400,44 +408,43 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                                    time.perf_counter() - t0)
             else:
                 timer = _TileTimer(split)
-                with ModelThreads(model, n_workers) as pool:
-                    # reading runs ahead of the network; up to ``n_workers`` batches are in the
-                    # network at once (tiles are independent; records are per tile)
-                    running: deque = deque()
-                    finished = 0
-                    for k, batch_tiles in enumerate(groups):
-                        tw = time.perf_counter()
-                        read_out = reader.take()
-                        wait_read += time.perf_counter() - tw
-                        for _, bad in read_out:
-                            for name_ in bad:
-                                if name_ not in corrupt:
-                                    corrupt.append(name_)
-                                    log.warning("skipping corrupt %s: its pixels read as 0", name_)
-                                    write_json_atomic(run_dir / "corrupt.json", corrupt)
-                        running.append((batch_tiles, pool.submit(
-                            timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
-                            lo, hi, scale)))
-                        del read_out
-                        if group is None and (k + 1 == n_workers or k == len(groups) - 1):
-                            group = create_output()  # this thread is idle until a tile is done
-                        # one batch more than workers in flight: a worker that finishes finds
-                        # its next batch queued while this thread saves the finished one
-                        while running and (len(running) > n_workers or k == len(groups) - 1):
-                            tiles_done, future = running.popleft()
-                            found = future.result()
-                            finished += 1
-                            if finished % 4 == 0 and finished < len(groups):
-                                trim()  # returning freed heap costs ~40 ms a call
-                            for tl, inst in zip(tiles_done, found):
-                                t_w = time.perf_counter()
-                                save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
-                                t_record += time.perf_counter() - t_w
-                                done += 1
-                                objects += len(inst)
-                                px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                                yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                                               time.perf_counter() - t0)
+                # reading runs ahead of the network; up to ``n_workers`` batches are in the
+                # network at once (tiles are independent; records are per tile)
+                running: deque = deque()
+                finished = 0
+                for k, batch_tiles in enumerate(groups):
+                    tw = time.perf_counter()
+                    read_out = reader.take()
+                    wait_read += time.perf_counter() - tw
+                    for _, bad in read_out:
+                        for name_ in bad:
+                            if name_ not in corrupt:
+                                corrupt.append(name_)
+                                log.warning("skipping corrupt %s: its pixels read as 0", name_)
+                                write_json_atomic(run_dir / "corrupt.json", corrupt)
+                    running.append((batch_tiles, pool.submit(
+                        timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
+                        lo, hi, scale)))
+                    del read_out
+                    if group is None and (k + 1 == n_workers or k == len(groups) - 1):
+                        group = create_output()  # this thread is idle until a tile is done
+                    # one batch more than workers in flight: a worker that finishes finds
+                    # its next batch queued while this thread saves the finished one
+                    while running and (len(running) > n_workers or k == len(groups) - 1):
+                        tiles_done, future = running.popleft()
+                        found = future.result()
+                        finished += 1
+                        if finished % 4 == 0 and finished < len(groups):
+                            trim()  # returning freed heap costs ~40 ms a call
+                        for tl, inst in zip(tiles_done, found):
+                            t_w = time.perf_counter()
+                            save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                            t_record += time.perf_counter() - t_w
+                            done += 1
+                            objects += len(inst)
+                            px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+                            yield Progress("tiles", done, len(tiles), objects, px / 1e6,
+                                           time.perf_counter() - t0)
                 t_model = timer.seconds
                 split["network_wall"] = timer.network_wall()
             if group is None:  # nothing was left to detect

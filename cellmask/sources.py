@@ -19,6 +19,22 @@ import numpy as np
 from cellmask.normalize import InputError
 
 
+def sync_scheduler(*args, **kwargs):
+    """dask's synchronous scheduler, passed as a function: ``compute(scheduler="synchronous")``
+    first imports dask.distributed to look for a client (0.18 s in a fresh process, measured),
+    a callable scheduler is used as it is. Reads here are local and small."""
+    from dask.local import get_sync
+
+    return get_sync(*args, **kwargs)
+
+
+def threaded_scheduler(*args, **kwargs):
+    """dask's threaded scheduler, passed as a function (see :func:`sync_scheduler`)."""
+    from dask.threaded import get
+
+    return get(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class ImageSource:
     """A lazily readable image. ``array``: dask ``(Y, X, C)``; ``levels``: the same at each

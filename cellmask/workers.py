@@ -48,6 +48,15 @@ class ModelThreads:
             for copy_ in self._borrowed:
                 self.model.give_back(copy_)
 
+    def start(self) -> None:
+        """Start every thread now (each makes its network copy as it starts), without waiting:
+        a run calls this before its setup, so that the copies are ready with the first tile."""
+        if self.workers == 1:
+            return
+        barrier = threading.Barrier(self.workers, timeout=60)
+        for _ in range(self.workers):  # each call holds its thread until all have started
+            self.submit(lambda _model: barrier.wait())
+
     def _start(self) -> None:
         torch.set_num_threads(self.threads)
         many = self.workers > 1
