@@ -46,11 +46,9 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
     for level, (path, shp) in enumerate(zip(DATASETS, shapes)):
         if path in group:
             if tuple(group[path].shape) != tuple(shp):
-                raise FileExistsError(f"{root}/labels/{name} exists with another shape "
-                                      f"{group[path].shape}: delete it or choose another name")
+                raise _other_shape(root, name, tuple(group[path].shape))
             continue
-        side = max(1, chunk >> level)
-        group.create_array(path, shape=shp, chunks=(min(side, shp[0]), min(side, shp[1])),
+        group.create_array(path, shape=shp, chunks=_level_chunks(chunk, level, shp),
                            dtype="int32", fill_value=0)
     _write_metadata(group, zarr_format, pixel_size, source)
     return group
@@ -68,8 +66,18 @@ def check_shape(root: Path, name: str, shape: tuple[int, int]) -> None:
     except Exception:  # not a readable array: create_labels will say what is wrong
         return
     if existing != tuple(shape):
-        raise FileExistsError(f"{root}/labels/{name} exists with another shape {existing}: "
-                              "delete it or choose another name")
+        raise _other_shape(root, name, existing)
+
+
+def _other_shape(root: Path, name: str, existing: tuple[int, ...]) -> FileExistsError:
+    return FileExistsError(f"{root}/labels/{name} exists with another shape {existing}: "
+                           "delete it or choose another name")
+
+
+def _level_chunks(chunk: int, level: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """Chunks of pyramid ``level``: the level-0 ``chunk`` halved per level, within ``shape``."""
+    side = max(1, chunk >> level)
+    return min(side, shape[0]), min(side, shape[1])
 
 
 def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
@@ -97,12 +105,8 @@ def tile_pyramid(group, tile: int) -> bool:
     tile can write its own piece of each level: :func:`write_levels`)."""
     if tile % 2 ** (len(DATASETS) - 1):
         return False
-    for level, path in enumerate(DATASETS):
-        arr = group[path]
-        side = tile >> level
-        if tuple(arr.chunks) != (min(side, arr.shape[0]), min(side, arr.shape[1])):
-            return False
-    return True
+    return all(tuple(group[path].chunks) == _level_chunks(tile, level, group[path].shape)
+               for level, path in enumerate(DATASETS))
 
 
 def write_levels(group, core: tuple[int, int, int, int], labels: np.ndarray) -> None:

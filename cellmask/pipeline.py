@@ -355,6 +355,15 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
     n_workers = max(1, int(workers or model.default_workers()))
     limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
+    def create_output():
+        try:
+            return create_labels(root, name, src.shape, tile, zarr_format=fmt,
+                                 pixel_size=src.pixel_size,
+                                 source="../../" if (src.kind == "ome-zarr" and output is None)
+                                 else (str(src.path) if src.path else None))
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+            raise _unwritable(root, err) from None
+
     local = client is None and bool(groups)
     with _Reader(src, skip_corrupt, ahead=n_workers + 2 if local else 0) as reader, \
             (ModelThreads(model, n_workers) if local else nullcontext()) as pool:
@@ -364,22 +373,11 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         if pool is not None:
             pool.start()
         lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
-        def create_output():
-            try:
-                return create_labels(root, name, src.shape, tile, zarr_format=fmt,
-                                     pixel_size=src.pixel_size,
-                                     source="../../" if (src.kind == "ome-zarr" and output is None)
-                                     else (str(src.path) if src.path else None))
-            except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
-                raise InputError(f"cannot write the output {root} ({type(err).__name__}: "
-                                 f"{err}); pass a writable --out (output=)") from None
-
         check_shape(root, name, src.shape)
         try:
             (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); "
-                             "pass a writable --out (output=)") from None
+            raise _unwritable(root, err) from None
         lock = _lock(run_dir)
         group = None  # the label arrays are created while the first tiles are in the network
         try:
@@ -543,6 +541,11 @@ class _Reader:
             self.queue.append(self.pool.submit(self._read, self.groups[self.next]))
             self.next += 1
         return out
+
+
+def _unwritable(root: Path, err: OSError) -> InputError:
+    return InputError(f"cannot write the output {root} ({type(err).__name__}: {err}); pass a "
+                      "writable --out (output=)")
 
 
 def _output_threads() -> int:

@@ -137,6 +137,17 @@ def _cell_entries(windows: np.ndarray, cell: int):
     return owner, cy0[owner] + within // nx[owner], cx0[owner] + within % nx[owner]
 
 
+def _cell_groups(windows: np.ndarray, cell: int):
+    """The windows touching each grid cell: ``(owner, starts, cy, cx)``, where group ``g``,
+    ``owner[starts[g]:starts[g + 1]]``, lists in ascending order the windows that touch cell
+    ``(cy[g], cx[g])``; cells in row-major order."""
+    owner, ey, ex = _cell_entries(windows, cell)
+    by = np.lexsort((owner, ex, ey))
+    owner, ey, ex = owner[by], ey[by], ex[by]
+    starts = np.flatnonzero(np.r_[True, (ey[1:] != ey[:-1]) | (ex[1:] != ex[:-1])])
+    return owner, starts, ey[starts], ex[starts]
+
+
 def _intersecting_predecessors(windows: np.ndarray, cell: int) -> list[np.ndarray]:
     """For each window ``b`` (rows of ``(N, 4)`` ``[x0, y0, x1, y1]``), the sorted indices
     ``a < b`` of the windows that overlap it by at least one pixel."""
@@ -144,17 +155,13 @@ def _intersecting_predecessors(windows: np.ndarray, cell: int) -> list[np.ndarra
     if n == 0:
         return []
     x0, y0, x1, y1 = (windows[:, k] for k in range(4))
-    owner, ey, ex = _cell_entries(windows, cell)
-    key = (ey - ey.min()) * (int(ex.max() - ex.min()) + 1) + (ex - ex.min())
-    by = np.lexsort((owner, key))
-    key, owner = key[by], owner[by]
+    owner, starts, _, _ = _cell_groups(windows, cell)
     # within each cell, every entry pairs with the entries after it (larger window index)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    size = np.diff(np.r_[starts, len(key)])
+    size = np.diff(np.r_[starts, len(owner)])
     cell_of = np.repeat(np.arange(len(starts)), size)
-    after = starts[cell_of] + size[cell_of] - np.arange(len(key)) - 1  # entries after me
+    after = starts[cell_of] + size[cell_of] - np.arange(len(owner)) - 1  # entries after me
     a = np.repeat(owner, after)
-    first = np.repeat(np.arange(len(key)) + 1, after)
+    first = np.repeat(np.arange(len(owner)) + 1, after)
     b = owner[first + np.arange(int(after.sum())) - np.repeat(np.cumsum(after) - after, after)]
     pairs = np.unique(b * n + a)  # a pair sharing several cells counts once; sorted by b, a
     b, a = pairs // n, pairs % n
@@ -172,12 +179,9 @@ class SpatialIndex:
         self.cell = cell
         self.grid: dict[tuple[int, int], np.ndarray] = {}
         if len(inst):
-            owner, ey, ex = _cell_entries(inst.windows, cell)
-            by = np.lexsort((owner, ex, ey))
-            owner, ey, ex = owner[by], ey[by], ex[by]
-            starts = np.flatnonzero(np.r_[True, (ey[1:] != ey[:-1]) | (ex[1:] != ex[:-1])])
-            for start, part in zip(starts.tolist(), np.split(owner, starts[1:])):
-                self.grid[int(ey[start]), int(ex[start])] = part
+            owner, starts, cy, cx = _cell_groups(inst.windows, cell)
+            for y, x, part in zip(cy.tolist(), cx.tolist(), np.split(owner, starts[1:])):
+                self.grid[y, x] = part
 
     def query(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
         found = [self.grid[c] for c in _cells(np.array([x0, y0, x1, y1]), self.cell)

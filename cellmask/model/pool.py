@@ -56,25 +56,24 @@ class GridRoIPool(nn.Module):
             return maps[0].new_empty((0, s, s, c), dtype=dtype).permute(0, 3, 1, 2)
         levels = self.mapper(boxes)
         used = sorted(set(levels.tolist()))
-        # the table: rows (image, level, y, x) of the levels in use; ``base[b][l]`` its first row
+        # the table: rows (image, level, y, x) of the levels in use; ``first[b, l]`` is the
+        # row of pixel (0, 0) of level ``l`` of image ``b``
         table = torch.empty((sum(maps[l].shape[0] * maps[l].shape[2] * maps[l].shape[3]
                                  for l in used), c), dtype=dtype, device=maps[0].device)
-        base: dict[tuple[int, int], int] = {}
+        first = torch.zeros((len(boxes), len(maps)), dtype=torch.int64)
         row = 0
         for b in range(len(boxes)):
             for l in used:
                 h, w = maps[l].shape[-2:]
                 table[row:row + h * w].view(h, w, c).copy_(maps[l][b].permute(1, 2, 0))
-                base[b, l] = row
+                first[b, l] = row
                 row += h * w
+        first = first.to(levels.device)
         image = torch.cat([torch.full((len(bx),), b, device=levels.device)
                            for b, bx in enumerate(boxes)])
         shape = torch.tensor([maps[l].shape[-2:] for l in range(len(maps))],
                              device=levels.device)  # (levels, 2): h, w
         scale = torch.tensor(self.scales, device=levels.device)
-        first = torch.zeros((len(boxes), len(maps)), dtype=torch.int64, device=levels.device)
-        for (b, l), r in base.items():
-            first[b, l] = r
         index, weight = _bilinear_taps(torch.cat(boxes).to(torch.float32), scale[levels],
                                        shape[levels], first[image, levels], s)
         out = F.embedding_bag(index, table, per_sample_weights=weight.to(dtype), mode="sum")

@@ -74,9 +74,8 @@ def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch
         if p.requires_grad:
             trainable.append(p)
     for module in net.modules():
-        own = list(module.parameters(recurse=False))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in own):
+                p.requires_grad for p in module.parameters(recurse=False)):
             module.eval()
     return trainable
 
