@@ -11,11 +11,12 @@ Public API::
 from cellmask import metrics
 from cellmask.config import ModelConfig, TrainConfig
 from cellmask.measure import measure
+from cellmask.model.registry import list_models
 from cellmask.model.segmenter import Model, load_model
 from cellmask.model.weights import WeightsError
 from cellmask.normalize import InputError
 from cellmask.pipeline import SegmentationResult, open_labels, segment_zarr
 
 __all__ = ["InputError", "Model", "ModelConfig", "SegmentationResult", "TrainConfig",
-           "WeightsError", "load_model", "measure", "metrics", "open_labels", "segment_zarr"]
+           "WeightsError", "list_models", "load_model", "measure", "metrics", "open_labels", "segment_zarr"]
 __version__ = "0.1.0"

@@ -17,6 +17,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model on folders of images and masks")
     p.add_argument("--data", default=d.data, help="folder with images/, masks/, splits/")
     p.add_argument("--split", default=d.split, help="split list (path, or relative to --data)")
+    p.add_argument("--add-data", nargs=3, action="append", default=[],
+                   metavar=("DATA", "SPLIT", "SHARE"),
+                   help="another annotated set giving SHARE (0-1) of the crops (repeatable)")
     p.add_argument("--out", default=d.out, help="run folder (checkpoint, weights, log)")
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -50,7 +53,9 @@ def _run_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, warmup=args.warmup,
                       seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
                       max_minutes=args.max_minutes, device=args.device, threads=args.threads,
-                      workers=args.workers, train_only=tuple(args.train_only))
+                      workers=args.workers, train_only=tuple(args.train_only),
+                      more_data=tuple((data, split, float(share))
+                                      for data, split, share in args.add_data))
     changes = parse_settings(args.set, inference_only=False)
     path = train(cfg, resume=args.resume, init=args.init, changes=changes,
                  progress=not args.quiet)
@@ -65,6 +70,15 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    "OME-Zarr, else INPUT stem + .cellmask.ome.zarr)")
     p.add_argument("--model", default="nuclei", help="shipped model name or .safetensors file")
     p.add_argument("--scale", type=float, help="resize factor before the network")
+    p.add_argument("--diameter", type=float,
+                   help="typical nucleus diameter in pixels (instead of --scale)")
+    p.add_argument("--pixel-size", type=float, metavar="UM",
+                   help="pixel size in um, overriding the input's metadata")
+    p.add_argument("--modality", default="auto", choices=["auto", "fluorescence", "brightfield"],
+                   help="auto (default): decided once from the image; brightfield separates "
+                        "the stains (H&E) once per image and segments the hematoxylin")
+    p.add_argument("--no-tissue-mask", action="store_true",
+                   help="brightfield: segment every tile, not only those with tissue")
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -103,6 +117,8 @@ def _run_segment(args: argparse.Namespace) -> int:
                           halo=args.halo, device=args.device, batch_size=args.batch_size,
                           client=client, progress=not args.quiet, axes=args.axes,
                           channel=args.channel, z=args.z, t=args.t, scale=args.scale,
+                          diameter=args.diameter, pixel_size=args.pixel_size,
+                          modality=args.modality, tissue_mask=not args.no_tissue_mask,
                           name=args.name, skip_corrupt=args.skip_corrupt,
                           workers=args.workers)
     for chunk in result.corrupt:
@@ -148,15 +164,40 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix an inference setting of the model configuration before tuning, "
                         "e.g. --set proposals_per_mpx=3072 (repeatable)")
+    p.add_argument("--card", action="append", default=[], metavar="KEY=VALUE",
+                   help="describe the model in its header: summary, modality, pixel_size_um, "
+                        "trained_diameter, training_data, licence, accuracy (repeatable)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from cellmask.train.export import export_model, parse_settings
 
+    card = dict(item.partition("=")[::2] for item in args.card)
+    if "trained_diameter" in card:
+        diameter = float(card.pop("trained_diameter"))
+    else:
+        diameter = 20.0
     path, best = export_model(args.weights, args.data, args.split, args.out,
-                              settings=parse_settings(args.set))
+                              settings=parse_settings(args.set), card=card,
+                              trained_diameter=diameter)
     print(f"wrote {path}: {best}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the shipped models: modality, pixel size, data, "
+                       "licence, accuracy")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from cellmask.model.registry import list_models
+
+    for info in list_models():
+        print(f"{info.name}: {info.summary}")
+        for key in ("modality", "pixel_size", "training_data", "licence", "accuracy"):
+            print(f"    {key.replace('_', ' ')}: {getattr(info, key)}")
     return 0
 
 
@@ -184,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_demo):
+    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_models, _add_demo):
         add(sub)
     return parser
 

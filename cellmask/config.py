@@ -143,4 +143,7 @@ class TrainConfig:
     #: ``roi_heads.mask_head``); the rest is frozen and runs as at inference (batch norms
     #: keep their running statistics). Empty: train everything.
     train_only: tuple[str, ...] = ()
+    #: Further annotated sets ``(data folder, split, share)``: each gives that share of the
+    #: crops (its images drawn uniformly); ``data``/``split`` give the rest.
+    more_data: tuple[tuple[str, str, float], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 
 _MODELS: dict[str, object] = {}
 
@@ -44,17 +43,18 @@ def _worker_model(blob: bytes, digest: str, meta: dict):
     return _MODELS[digest]
 
 
-def _task(blob, digest, meta, source, tile, lo, hi, scale, record: str) -> int:
+def _task(blob, digest, meta, source, tile, appearance: dict, scale, record: str) -> int:
+    from cellmask.appearance import Appearance
     from cellmask.labels_store import save_npz_atomic
     from cellmask.pipeline import detect_tiles
 
     model = _worker_model(blob, digest, meta)
-    (inst,) = detect_tiles(model, source, [tile], lo, hi, scale)
+    (inst,) = detect_tiles(model, source, [tile], Appearance.from_dict(appearance), scale)
     save_npz_atomic(Path(record), inst.to_arrays())
     return len(inst)
 
 
-def run_tiles(client, model, source, tiles, lo, hi, scale, run_dir: Path):
+def run_tiles(client, model, source, tiles, appearance, scale, run_dir: Path):
     """Yield ``(objects, tile)`` as the cluster finishes each tile."""
     from dask.distributed import as_completed
 
@@ -66,8 +66,8 @@ def run_tiles(client, model, source, tiles, lo, hi, scale, run_dir: Path):
     futures = {}
     for tl in tiles:
         record = str(run_dir / "tiles" / f"{tl.index[0]}_{tl.index[1]}.npz")
-        fut = client.submit(_task, blob_future, digest, meta, src_future, tl, np.asarray(lo),
-                            np.asarray(hi), scale, record, pure=False)
+        fut = client.submit(_task, blob_future, digest, meta, src_future, tl,
+                            appearance.to_dict(), scale, record, pure=False)
         futures[fut] = tl
     for fut in as_completed(futures):
         yield fut.result(), futures[fut]

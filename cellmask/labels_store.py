@@ -26,7 +26,7 @@ DATASETS = ("0", "1", "2")
 
 def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
                   zarr_format: int = 3, pixel_size: tuple[float, float] | None = None,
-                  source: str | None = "../../"):
+                  source: str | None = "../../", unit: str | None = None):
     """Create (or reopen, if it exists with the same shape) the label arrays; returns the group."""
     import zarr
 
@@ -50,7 +50,7 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
             continue
         group.create_array(path, shape=shp, chunks=_level_chunks(chunk, level, shp),
                            dtype="int32", fill_value=0)
-    _write_metadata(group, zarr_format, pixel_size, source)
+    _write_metadata(group, zarr_format, pixel_size, source, unit)
     return group
 
 
@@ -80,11 +80,19 @@ def _level_chunks(chunk: int, level: int, shape: tuple[int, int]) -> tuple[int, 
     return min(side, shape[0]), min(side, shape[1])
 
 
-def _write_metadata(group, zarr_format: int, pixel_size, source) -> None:
+#: OME-XML unit symbols as NGFF (UDUNITS-2) names.
+_NGFF_UNITS = {"\u00b5m": "micrometer", "um": "micrometer", "micron": "micrometer",
+               "nm": "nanometer", "mm": "millimeter"}
+
+
+def _write_metadata(group, zarr_format: int, pixel_size, source, unit=None) -> None:
     sy, sx = pixel_size or (1.0, 1.0)
     datasets = [{"path": p, "coordinateTransformations": [
         {"type": "scale", "scale": [sy * 2 ** i, sx * 2 ** i]}]} for i, p in enumerate(DATASETS)]
     axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    if unit and pixel_size:
+        for axis in axes:
+            axis["unit"] = _NGFF_UNITS.get(unit, unit)
     multiscales = [{"axes": axes, "datasets": datasets, "name": group.basename,
                     "type": "nearest"}]
     image_label = {"colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}

@@ -123,6 +123,8 @@ class Evaluation:
         rows = {c.threshold: c.row() for c in self.counts}
         out = {f"ap@{t:.2f}": rows[t]["ap"] for t in self.thresholds}
         out["mean_ap"] = float(np.mean([rows[t]["ap"] for t in self.thresholds]))
+        if 0.5 in rows:
+            out["f1@0.50"] = rows[0.5]["f1"]
         return out
 
 

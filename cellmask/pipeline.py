@@ -35,7 +35,8 @@ from cellmask.labels_store import (check_shape, create_labels, labels_level0, re
                                    write_levels, write_pyramid)
 from cellmask.memory import limit_arenas, trim
 from cellmask.model.paint import Instances, local_masks, pixel_windows
-from cellmask.normalize import InputError, apply_range, percentile_range
+from cellmask.appearance import Appearance, estimate
+from cellmask.normalize import InputError
 from cellmask.sources import ImageSource, open_image, sync_scheduler, threaded_scheduler
 from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
 from cellmask.tiling import Tile, plan_tiles
@@ -134,10 +135,10 @@ def _check_writable(root: Path) -> None:
                          "writable --out (output=)")
 
 
-def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
-                    skip_corrupt: bool = False):
-    """Per-channel percentiles of the whole image from a regular strided sample (the same
-    sample ``Model.segment`` takes of an in-memory image, so both normalise alike)."""
+def estimate_appearance(src: ImageSource, percentiles, modality: str = "auto",
+                        max_samples: int = 4_000_000, skip_corrupt: bool = False) -> Appearance:
+    """Modality, stains and intensity range of the whole image, from a regular strided sample
+    (the same sample ``Model.segment`` takes of an in-memory image, so both map alike)."""
     h, w = src.shape
     c = src.array.shape[2]
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
@@ -160,18 +161,53 @@ def intensity_range(src: ImageSource, percentiles, max_samples: int = 4_000_000,
                 continue
             parts.append(np.asarray(block).reshape(-1, c))
         sample = np.concatenate(parts) if parts else np.zeros((1, c))
-    chw = sample.T.astype(np.float32)[:, None, :]
-    if not np.isfinite(chw).all():
+    sample = sample.astype(np.float32)
+    if not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
-    return percentile_range(chw, percentiles, max_samples)
+    return estimate(sample, modality, percentiles)
 
 
-def _fingerprint(src: ImageSource, model, tile, halo, scale, lo, hi) -> dict:
+def _fingerprint(src: ImageSource, model, tile, halo, scale, appearance: Appearance) -> dict:
     return {"shape": list(src.shape), "channels": int(src.array.shape[2]),
             "dtype": str(src.array.dtype), "model": model.weights_digest,
             "config": json.loads(model.config.to_json()), "tile": tile, "halo": halo,
-            "scale": scale, "lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
+            "scale": scale, "appearance": appearance.to_dict()}
+
+
+def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
+               corrupt: list[str]) -> dict:
+    """What a run decided, stored in the labels' attributes: the model, the modality and its
+    stain vectors, the scale used and the input's pixel size."""
+    record = {"model": model.name or "?", "model_digest": model.weights_digest,
+              "modality": appearance.modality, "appearance": appearance.to_dict(),
+              "scale": scale, "input_pixel_size_um": list(src.pixel_size_um or []) or None,
+              "model_pixel_size_um": model.pixel_size}
+    if corrupt:
+        record["corrupt_input_chunks"] = corrupt
+    return record
+
+
+def find_tissue(src: ImageSource, appearance: Appearance):
+    """The :class:`~cellmask.tissue.TissueMask` of an RGB slide, from the coarsest pyramid
+    level that is still fine enough (else strided level-0 reads); None if the view cannot be
+    read (every tile is then segmented)."""
+    from cellmask.tissue import tissue_mask, view_step
+
+    step = view_step(src.shape)
+    level, factor = src.array, 1.0
+    for lv in src.levels or (src.array,):
+        f = src.shape[0] / max(1, lv.shape[0])
+        if factor < f <= step * 1.01:
+            level, factor = lv, f
+    k = max(1, int(step // factor))
+    try:
+        view = np.asarray(level[::k, ::k].compute(scheduler=threaded_scheduler))
+    except Exception as err:  # a corrupt chunk: no mask rather than a wrong one
+        log.warning("tissue detection skipped (%s: %s): every tile is segmented",
+                    type(err).__name__, err)
+        return None
+    return tissue_mask(view.astype(np.float32), factor * k, appearance)
 
 
 def _chunks_in(src: ImageSource, region):
@@ -224,8 +260,8 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
     return out, corrupt
 
 
-def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
-    """Raw ``(h, w, C)`` pixels -> the network's normalised (and rescaled) ``(3, h', w')``."""
+def _prepare(window: np.ndarray, region, appearance: Appearance, scale: float) -> np.ndarray:
+    """Raw ``(h, w, C)`` pixels -> the network's input (rescaled) ``(3, h', w')``."""
     import torch
     import torch.nn.functional as F
 
@@ -234,7 +270,7 @@ def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
         y0, y1, x0, x1 = region
         raise InputError(f"the image has NaN or infinite pixels in y {y0}:{y1}, x {x0}:{x1}: "
                          "replace them (e.g. with 0) before segmenting")
-    chw = apply_range(chw, lo, hi)
+    chw = appearance.apply(chw)
     if scale != 1.0:
         size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
         chw = F.interpolate(torch.from_numpy(chw)[None], size=size, mode="bilinear",
@@ -242,7 +278,8 @@ def _prepare(window: np.ndarray, region, lo, hi, scale: float) -> np.ndarray:
     return chw
 
 
-def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: float,
+def detect_tiles(model, src: ImageSource, tiles: list[Tile], appearance: Appearance,
+                 scale: float,
                  windows: list[np.ndarray] | None = None,
                  timings: dict[str, float] | None = None,
                  on_network=None) -> list[InstanceSet]:
@@ -254,7 +291,7 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], lo, hi, scale: floa
     t0 = time.perf_counter()
     if windows is None:
         windows = [read_window(src, t.window)[0] for t in tiles]
-    inputs = [_prepare(w, t.window, lo, hi, scale) for t, w in zip(tiles, windows)]
+    inputs = [_prepare(w, t.window, appearance, scale) for t, w in zip(tiles, windows)]
     cores = []
     for t, chw in zip(tiles, inputs):  # each tile's core in its network input's pixels
         y0, y1, x0, x1 = t.window
@@ -288,13 +325,14 @@ class _TileTimer:
         self.spans: list[tuple[float, float]] = []
         self._lock = threading.Lock()
 
-    def detect(self, model, detector, src, tiles, windows, lo, hi, scale) -> list[InstanceSet]:
+    def detect(self, model, detector, src, tiles, windows, appearance,
+               scale) -> list[InstanceSet]:
         t0 = time.perf_counter()
         own: dict[str, float] = {}
         if detector is not None:
             found = [detector(tl, w) for tl, w in zip(tiles, windows)]
         else:
-            found = detect_tiles(model, src, tiles, lo, hi, scale, windows, own,
+            found = detect_tiles(model, src, tiles, appearance, scale, windows, own,
                                  lambda a, b: self.spans.append((a, b)))
         with self._lock:
             self.seconds += time.perf_counter() - t0
@@ -319,10 +357,20 @@ def _record_path(run_dir: Path, tile: Tile) -> Path:
 def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         device: str = "auto", batch_size: int | None = None, client=None, name: str = "cellmask",
         axes: str | None = None, channel: int | None = None, z: int | None = None,
-        t: int | None = None, scale: float | None = None, measure: bool = True,
+        t: int | None = None, scale: float | None = None, diameter: float | None = None,
+        pixel_size: float | None = None, modality: str = "auto", tissue_mask: bool = True,
+        measure: bool = True,
         skip_corrupt: bool = False, detector=None,
         workers: int | None = None) -> Iterator[Progress | SegmentationResult]:
     """Segment ``source`` into ``output``; yields progress events, then the result.
+
+    ``modality``: "auto" (decided once from a strided sample of the image and logged),
+    "fluorescence" or "brightfield" (stains separated once for the whole image). The objects
+    meet the network at the model's training scale: ``scale`` as given, or from ``diameter``
+    (typical object diameter, px), or from the pixel size (``pixel_size`` um, else the
+    input's metadata) when the model knows its own; labels are written at level-0 resolution
+    with the input's pixel size and unit. ``tissue_mask`` (brightfield RGB only): tiles whose
+    read window holds no tissue on a low-resolution view are recorded as empty, not segmented.
 
     ``workers``: tile batches in the network at once (default :meth:`Model.default_workers`:
     2 on a CPU with 2 or more cores, 1 on a GPU); the torch threads are shared among them.
@@ -332,7 +380,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     :class:`~cellmask.stitch.InstanceSet` the tile owns (used to test tiling and stitching with
     exact, model-free instances).
     """
-    from cellmask.model.segmenter import _resolve_scale, load_model
+    from cellmask.appearance import MODALITIES
+    from cellmask.model.segmenter import load_model, resolve_scale
 
     if tile <= 0 or halo < 0:
         raise InputError(f"tile must be positive and halo zero or more (got {tile}, {halo})")
@@ -340,10 +389,20 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         raise InputError(f"tile {tile} is smaller than twice the halo {halo}: use --tile "
                          f"{max(256, 4 * halo)} or a smaller --halo")
     t_start = time.perf_counter()
+    if modality not in MODALITIES:
+        raise InputError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
     src = open_image(source, axes=axes, channel=channel, z=z, t=t)
+    if pixel_size is not None:
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise InputError(f"pixel size must be a positive number of um, got {pixel_size}")
+        src = src.with_pixel_size(pixel_size)
     if model is None or isinstance(model, (str, Path)):
         model = load_model(model or "nuclei", device=device)
-    scale = _resolve_scale(scale, None, model.trained_diameter)
+    px_um = src.pixel_size_um
+    scale = resolve_scale(model, scale, diameter, px_um[1] if px_um else None)
+    log.info("scale %.4g (input pixel %s, model trained at %s)", scale,
+             f"{px_um[1]:g} um" if px_um else "size unknown",
+             f"{model.pixel_size:g} um" if model.pixel_size else "no stated pixel size")
     root = _output_root(src, output)
     fmt = src.zarr_format if src.kind == "ome-zarr" and output is None else 3
     _check_writable(root)
@@ -351,6 +410,21 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     run_dir = group_dir / ".run"
     tiles = plan_tiles(src.shape, tile, halo)
     todo = [tl for tl in tiles if not _record_path(run_dir, tl).is_file()]
+    appearance = tissue = None
+    t_tissue = 0.0
+    if tissue_mask and src.array.shape[2] == 3 and todo:  # a slide: find its tissue first
+        appearance = estimate_appearance(src, model.config.norm_percentiles, modality,
+                                         skip_corrupt=skip_corrupt)
+        if appearance.modality == "brightfield":
+            tt = time.perf_counter()
+            tissue = find_tissue(src, appearance)
+            t_tissue = time.perf_counter() - tt
+    skipped = [tl for tl in todo if tissue is not None and not tissue.covers(tl.window)]
+    if skipped:
+        todo = [tl for tl in todo if tissue.covers(tl.window)]
+        log.info("tissue: %.0f%% of the slide (optical density > %.3f); %d of %d tiles hold "
+                 "none and are recorded as empty", 100 * tissue.fraction, tissue.threshold,
+                 len(skipped), len(tiles))
     batch = max(1, batch_size or model.default_batch_size())
     groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
     n_workers = max(1, int(workers or model.default_workers()))
@@ -358,7 +432,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     def create_output():
         try:
             return create_labels(root, name, src.shape, tile, zarr_format=fmt,
-                                 pixel_size=src.pixel_size,
+                                 pixel_size=src.pixel_size, unit=src.pixel_unit,
                                  source="../../" if (src.kind == "ome-zarr" and output is None)
                                  else (str(src.path) if src.path else None))
         except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
@@ -372,7 +446,9 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         reader.start(groups)
         if pool is not None:
             pool.start()
-        lo, hi = intensity_range(src, model.config.norm_percentiles, skip_corrupt=skip_corrupt)
+        if appearance is None:
+            appearance = estimate_appearance(src, model.config.norm_percentiles, modality,
+                                             skip_corrupt=skip_corrupt)
         check_shape(root, name, src.shape)
         try:
             (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
@@ -381,12 +457,16 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
         lock = _lock(run_dir)
         group = None  # the label arrays are created while the first tiles are in the network
         try:
-            fp = _fingerprint(src, model, tile, halo, scale, lo, hi)
+            fp = _fingerprint(src, model, tile, halo, scale, appearance)
+            fp["tissue_mask"] = bool(tissue_mask)
             previous = read_json(run_dir / "run.json")
             if previous is not None and previous.get("fingerprint") != fp:
                 raise FileExistsError(f"{group_dir} holds labels of a different run (other model, "
                                       "image or settings): delete it or pass another name/output")
             write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "tiles"})
+            empty = InstanceSet.empty().to_arrays()
+            for tl in skipped:  # no tissue: an ordinary, empty tile record
+                save_npz_atomic(_record_path(run_dir, tl), empty)
             done = len(tiles) - len(todo)
             objects = 0
             t0 = time.perf_counter()
@@ -398,7 +478,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                 from cellmask.distributed import run_tiles
 
                 group = create_output()
-                for n_found, tl in run_tiles(client, model, src, todo, lo, hi, scale, run_dir):
+                for n_found, tl in run_tiles(client, model, src, todo, appearance, scale,
+                                                 run_dir):
                     done += 1
                     objects += n_found
                     px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
@@ -422,7 +503,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                                 write_json_atomic(run_dir / "corrupt.json", corrupt)
                     running.append((batch_tiles, pool.submit(
                         timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
-                        lo, hi, scale)))
+                        appearance, scale)))
                     del read_out
                     if group is None and (k + 1 == n_workers or k == len(groups) - 1):
                         group = create_output()  # this thread is idle until a tile is done
@@ -484,8 +565,13 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                 table.to_csv(group_dir / "measurements.csv", index=False)
             t_measure = time.perf_counter() - t2
             write_json_atomic(run_dir / "corrupt.json", corrupt)
-            if corrupt:  # mark them where every reader of the labels sees them
-                group.attrs["cellmask"] = {"corrupt_input_chunks": corrupt}
+            # how the labels were made, where every reader of them sees it
+            record = run_record(model, appearance, scale, src, corrupt)
+            if tissue is not None:
+                record["tissue"] = {"fraction": round(tissue.fraction, 4),
+                                    "od_threshold": tissue.threshold,
+                                    "tiles_without_tissue": len(skipped)}
+            group.attrs["cellmask"] = record
             write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
                                                      "objects": len(kept)})
         except OSError as err:
@@ -499,7 +585,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             lock.unlink(missing_ok=True)
         import dask.array as da
 
-        timings = {"setup": t0 - t_start, "tiles": t_tiles, "model": t_model, **split,
+        timings = {"setup": t0 - t_start, "tissue": t_tissue, "tiles": t_tiles, "model": t_model, **split,
                    "read_wait": wait_read, "records": t_record, "stitch_paint": t_paint,
                    "measure": t_measure, "total": time.perf_counter() - t_start}
         yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])

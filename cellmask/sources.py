@@ -10,7 +10,7 @@ except three RGB samples of a TIFF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,35 @@ class ImageSource:
     path: Path | None = None
     group: Path | None = None
     zarr_format: int = 3
+    #: ``(y, x)`` size of a level-0 pixel as the metadata states it, in ``pixel_unit``
     pixel_size: tuple[float, float] | None = None
+    #: NGFF name of the unit of ``pixel_size`` ("micrometer", ...), None if the metadata
+    #: gives none
+    pixel_unit: str | None = None
     description: str = field(default="", compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.array.shape[0]), int(self.array.shape[1])
+
+    @property
+    def pixel_size_um(self) -> tuple[float, float] | None:
+        """``(y, x)`` pixel size in micrometres, when the metadata states it in a length unit."""
+        factor = _UM_PER_UNIT.get((self.pixel_unit or "").lower())
+        if self.pixel_size is None or factor is None:
+            return None
+        return float(self.pixel_size[0] * factor), float(self.pixel_size[1] * factor)
+
+    def with_pixel_size(self, um: float) -> "ImageSource":
+        """This source with a pixel size of ``um`` micrometres (overriding the metadata)."""
+        return replace(self, pixel_size=(float(um), float(um)), pixel_unit="micrometer")
+
+
+#: Micrometres per unit, for the length units of NGFF (UDUNITS-2 names) and OME-XML symbols.
+_UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u00b5m": 1.0, "µm": 1.0,
+                "μm": 1.0, "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3,
+                "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6, "angstrom": 1e-4,
+                "Å": 1e-4, "picometer": 1e-6, "pm": 1e-6}
 
 
 def _reduce_axes(arr, axes: str, *, channel: int | None, z: int | None, t: int | None):
@@ -106,20 +129,80 @@ def _reduce_axes(arr, axes: str, *, channel: int | None, z: int | None, t: int |
     return arr
 
 
-def _ome_levels(group) -> tuple[list, str, tuple[float, float] | None]:
+def _ome_levels(group) -> tuple[list, str, tuple[float, float] | None, str | None]:
+    """Level arrays, axes, level-0 ``(y, x)`` scale and its unit of an NGFF image group."""
     attrs = group.attrs.asdict()
     meta = attrs.get("ome", attrs)
     ms = meta["multiscales"][0]
-    axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])).upper()
+    axes_meta = ms.get("axes", [])
+    axes = "".join(a["name"] if isinstance(a, dict) else a for a in axes_meta).upper()
     arrays = [group[d["path"]] for d in ms["datasets"]]
-    pixel = None
+    pixel = unit = None
+    global_scale = [1.0] * len(axes)
+    for tr in ms.get("coordinateTransformations", []) or []:  # multiscale-wide, applied after
+        if tr.get("type") == "scale" and len(tr.get("scale", [])) == len(axes):
+            global_scale = [float(v) for v in tr["scale"]]
     for tr in ms["datasets"][0].get("coordinateTransformations", []):
         if tr.get("type") == "scale" and axes:
             s = tr["scale"]
-            pixel = (float(s[axes.index("Y")]), float(s[axes.index("X")]))
+            iy, ix = axes.index("Y"), axes.index("X")
+            pixel = (float(s[iy]) * global_scale[iy], float(s[ix]) * global_scale[ix])
+            units = {a.get("unit") for a in axes_meta if isinstance(a, dict)
+                     and a.get("name", "").upper() in "YX"}
+            unit = units.pop() if len(units) == 1 else None
     if not axes:  # NGFF 0.3 and older: TCZYX implied by the number of dimensions
         axes = "TCZYX"[-arrays[0].ndim:]
-    return arrays, axes, pixel
+    return arrays, axes, pixel, unit
+
+
+def tiff_pixel_size(tif) -> tuple[tuple[float, float], str] | None:
+    """Level-0 ``((y, x), unit)`` pixel size of an open ``tifffile.TiffFile``: OME-XML
+    ``PhysicalSizeY/X`` (with their units), the Aperio SVS ``MPP``, ImageJ's unit with the
+    resolution tags, or the resolution tags in inch / centimetre (not the 72 or 96 dpi that
+    image programs write by default); None when the file states none."""
+    page = tif.pages[0]
+    if tif.is_ome and tif.ome_metadata:
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+        except ET.ParseError:
+            root = None
+        pixels = None if root is None else next(
+            (el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            x = float(pixels.get("PhysicalSizeX"))
+            y = float(pixels.get("PhysicalSizeY", x))
+            unit = pixels.get("PhysicalSizeXUnit", "µm")  # the OME default
+            if x > 0 and y > 0:
+                return (y, x), unit
+    if tif.is_svs:  # Aperio: "... |MPP = 0.4990|..." in the first page's description
+        import re
+
+        found = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+        try:
+            mpp = float(found.group(1)) if found else 0.0
+        except ValueError:
+            mpp = 0.0
+        if mpp > 0:
+            return (mpp, mpp), "micrometer"
+    tags = page.tags
+    if "XResolution" not in tags:
+        return None
+    xres, yres = tags["XResolution"].value, tags.get("YResolution", tags["XResolution"]).value
+    px = xres[0] / xres[1] if xres[1] else 0.0  # pixels per unit
+    py = yres[0] / yres[1] if yres[1] else 0.0
+    if px <= 0 or py <= 0:
+        return None
+    ij = tif.imagej_metadata or {}
+    if ij.get("unit") in ("micron", "um", "µm", "\u00B5m"):
+        return (1.0 / py, 1.0 / px), "micrometer"
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    if unit == 2 and round(px) not in (72, 96, 300):  # inch, not a program's default
+        return (25400.0 / py, 25400.0 / px), "micrometer"
+    if unit == 3:  # centimetre
+        return (10000.0 / py, 10000.0 / px), "micrometer"
+    return None
 
 
 def open_image(source: Any, *, axes: str | None = None, channel: int | None = None,
@@ -175,7 +258,7 @@ def _from_group(group, path, axes, channel, z, t) -> ImageSource:
     import dask.array as da
 
     try:
-        arrays, meta_axes, pixel = _ome_levels(group)
+        arrays, meta_axes, pixel, unit = _ome_levels(group)
     except (KeyError, IndexError, TypeError) as err:
         raise InputError(f"{path or 'the zarr group'} is a Zarr group without OME-NGFF "
                          f"multiscales metadata ({err}); pass the array inside it instead") \
@@ -185,7 +268,7 @@ def _from_group(group, path, axes, channel, z, t) -> ImageSource:
                    for a in arrays)
     fmt = getattr(group.metadata, "zarr_format", 3)
     return ImageSource(levels[0], levels, kind="ome-zarr", path=path, group=path,
-                       zarr_format=fmt, pixel_size=pixel)
+                       zarr_format=fmt, pixel_size=pixel, pixel_unit=unit)
 
 
 def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
@@ -206,13 +289,16 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
                 store = series.aszarr(level=level)
                 levels.append(da.from_zarr(zarr.open(store, mode="r")))
             ser_axes = series.axes
+            physical = tiff_pixel_size(tif)
         except Exception as err:  # a parser meeting a broken file raises many types
             raise InputError(f"cannot read {path} as a TIFF ({type(err).__name__}: {err}); is "
                              "the file complete?") from None
         ax = (axes or ser_axes).upper()
         red = tuple(_reduce_axes(lv, ax, channel=channel, z=z, t=t)
                     for lv in levels)
-        return ImageSource(red[0], red, kind="tiff", path=path)
+        pixel, unit = physical if physical else (None, None)
+        return ImageSource(red[0], red, kind="tiff", path=path, pixel_size=pixel,
+                           pixel_unit=unit)
     if suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -17,6 +17,9 @@ import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
                               PushButton, SpinBox)
 
+from cellmask.appearance import MODALITIES
+from cellmask.model.registry import DEFAULT, MODELS
+
 log = logging.getLogger(__name__)
 
 #: Images up to this many pixels (and not multiscale or dask) are loaded as in-memory labels.
@@ -28,7 +31,10 @@ class SegmentWidget(Container):
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_layers)
-        self.model_name = ComboBox(label="model", choices=["nuclei"], value="nuclei")
+        self.model_name = ComboBox(label="model", choices=list(MODELS), value=DEFAULT)
+        self.modality = ComboBox(label="modality", choices=list(MODALITIES), value="auto")
+        self.pixel_size = FloatSpinBox(label="pixel size (um, 0 = from the layer/none)",
+                                       value=0.0, min=0.0, max=100.0, step=0.01)
         self.weights = FileEdit(label="or weights file", filter="*.safetensors", value="")
         self.diameter = FloatSpinBox(label="diameter (px, 0 = as trained)", value=0.0, min=0.0,
                                      max=2000.0)
@@ -41,7 +47,8 @@ class SegmentWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
         self.status = Label(value="")
-        self.extend([self.image, self.model_name, self.weights, self.diameter, self.tile,
+        self.extend([self.image, self.model_name, self.weights, self.modality, self.diameter,
+                     self.pixel_size, self.tile,
                      self.halo, self.device, self.output, self.run_button, self.cancel_button,
                      self.progress, self.status])
         self.run_button.changed.connect(self.run)
@@ -86,9 +93,11 @@ class SegmentWidget(Container):
             out = str(Path(self._tmp.name) / f"{layer.name}.ome.zarr")
         model = self._model()
         kwargs = dict(model=model, tile=self.tile.value, halo=self.halo.value,
-                      axes="YXS" if layer.rgb else "YX")
+                      axes="YXS" if layer.rgb else "YX", modality=self.modality.value)
         if self.diameter.value > 0:
-            kwargs["scale"] = model.trained_diameter / self.diameter.value
+            kwargs["diameter"] = self.diameter.value
+        if self.pixel_size.value > 0:
+            kwargs["pixel_size"] = self.pixel_size.value
         events = run(data, out, **kwargs)
 
         @thread_worker

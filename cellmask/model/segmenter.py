@@ -19,9 +19,10 @@ from cellmask.model.network import (LeanRPN, NHWCBoxHead, build_network, fuse_ba
                                     set_inference_thresholds)
 from cellmask.model.paint import Instances, paint
 from cellmask.model.pool import GridRoIPool
-from cellmask.model.registry import resolve
+from cellmask.model.registry import is_non_commercial, resolve
 from cellmask.model.weights import check_state, load_weights
-from cellmask.normalize import InputError, apply_range, as_channels_first, percentile_range
+from cellmask.appearance import Appearance, estimate, sample_pixels
+from cellmask.normalize import InputError, as_channels_first
 from cellmask.tiling import plan_tiles
 
 log = logging.getLogger(__name__)
@@ -177,21 +178,38 @@ class Model:
         return paint(inst, shape, mask_thresh=c.mask_thresh,
                      min_visible_fraction=c.min_visible_fraction, min_area=c.min_area)
 
+    @property
+    def pixel_size(self) -> float | None:
+        """Pixel size (um) of the training images, if they had one; inputs whose pixel size is
+        known are rescaled to it."""
+        value = float(self.meta.get("pixel_size_um", 0) or 0)
+        return value if value > 0 else None
+
+    def appearance(self, image: np.ndarray, modality: str = "auto") -> Appearance:
+        """The :class:`~cellmask.appearance.Appearance` (modality, stains, intensity range) this
+        model's input mapping gives an in-memory image ``(H, W)`` / ``(H, W, C)``."""
+        chw = as_channels_first(image)
+        return estimate(sample_pixels(chw), modality, self.config.norm_percentiles)
+
     def segment(self, image: np.ndarray, scale: float | None = None, *,
-                diameter: float | None = None, tile: int = 1024, halo: int = 64,
+                diameter: float | None = None, pixel_size: float | None = None,
+                modality: str = "auto", tile: int = 1024, halo: int = 64,
                 batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
         """Instance labels of ``image``.
 
         ``image``: ``(H, W)`` grey or ``(H, W, 3)`` RGB (``(H, W, 1)`` too), any integer, float or
-        bool dtype; intensities are normalised per channel by percentiles of the whole image.
+        bool dtype. ``modality``: "auto" (decided once from the whole image), "fluorescence"
+        (each channel normalised by percentiles of the whole image) or "brightfield" (stains
+        separated once per image, the hematoxylin channel segmented; grey inverted).
         ``scale``: resize factor applied before the network (0.25 for objects 4x larger than the
-        training nuclei); or give ``diameter``, the typical object diameter in pixels.
+        training nuclei); or give ``diameter``, the typical object diameter in pixels, or
+        ``pixel_size`` (um), rescaled to the model's training pixel size when it has one.
         Returns int32 ``(H, W)`` labels, 0 = background, ids 1..N by decreasing score.
         """
         chw = as_channels_first(image)
-        lo, hi = percentile_range(chw, self.config.norm_percentiles)
-        norm = apply_range(chw, lo, hi)
-        scale = _resolve_scale(scale, diameter, self.trained_diameter)
+        app = estimate(sample_pixels(chw), modality, self.config.norm_percentiles)
+        norm = app.apply(chw)
+        scale = resolve_scale(self, scale, diameter, pixel_size)
         shape = norm.shape[1:]
         if scale != 1.0:
             size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
@@ -290,18 +308,39 @@ def _half_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _resolve_scale(scale: float | None, diameter: float | None, trained: float) -> float:
-    if scale is not None and diameter is not None:
+#: Rescaling factors outside this range are refused: they mean a mistyped diameter, scale or
+#: pixel size (a factor of 400 turns a 1,000 px image into 400,000 px).
+SCALE_LIMITS = (1 / 16, 16.0)
+
+
+def resolve_scale(model: "Model", scale: float | None = None, diameter: float | None = None,
+                  pixel_size: float | None = None) -> float:
+    """The resize factor that brings an input to ``model``'s training scale: ``scale`` as
+    given; else ``model.trained_diameter / diameter``; else ``pixel_size / model.pixel_size``
+    (um per pixel of the input and of the training images) when both are known; else 1."""
+    given = [name for name, v in (("scale", scale), ("diameter", diameter)) if v is not None]
+    if len(given) > 1:
         raise InputError("give scale or diameter, not both")
+    for name, value in (("scale", scale), ("diameter", diameter), ("pixel size", pixel_size)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise InputError(f"{name} must be a positive number, got {value}")
     if diameter is not None:
-        if not diameter > 0:
-            raise InputError(f"diameter must be positive, got {diameter}")
-        return trained / float(diameter)
-    if scale is None:
+        factor, why = model.trained_diameter / float(diameter), f"diameter {diameter:g} px"
+    elif scale is not None:
+        factor, why = float(scale), "scale"
+    elif pixel_size is not None and model.pixel_size:
+        factor = float(pixel_size) / model.pixel_size
+        why = f"pixel size {pixel_size:g} um (model: {model.pixel_size:g} um)"
+        if abs(factor - 1) < 0.05:  # within 5%: not worth a resampling
+            return 1.0
+    else:
         return 1.0
-    if not (np.isfinite(scale) and scale > 0):
-        raise InputError(f"scale must be a positive number, got {scale}")
-    return float(scale)
+    if not SCALE_LIMITS[0] <= factor <= SCALE_LIMITS[1]:
+        raise InputError(f"{why} gives a rescaling factor of {factor:.4g}, outside "
+                         f"{SCALE_LIMITS[0]:g}..{SCALE_LIMITS[1]:g}: check the value (diameter "
+                         f"is in pixels, the model's training diameter is "
+                         f"{model.trained_diameter:g} px)")
+    return factor
 
 
 def auto_precision(device: torch.device) -> str:
@@ -323,5 +362,8 @@ def load_model(name_or_path: str | Path = "nuclei", device: str = "auto",
     check_state(net.state_dict(), state, str(path))
     net.load_state_dict(state)
     log.debug("loaded %s (%s)", path, meta.get("step", "?"))
+    if is_non_commercial(meta.get("licence", "")):
+        log.warning("model %s is licensed %s (trained on non-commercial data): not for "
+                    "commercial use", name_or_path, meta["licence"])
     return Model(net, config, name=str(name_or_path), meta=meta, device=device,
                  precision=precision)

@@ -8,6 +8,12 @@ Layout (that of the DSB2018 folder shipped with the project's data)::
 
 Every random choice of a batch is drawn from a generator seeded by ``(seed, step)``, so a run is
 deterministic and a resumed run draws exactly the batches the uninterrupted run would have.
+
+Each image goes through :mod:`cellmask.appearance` exactly as at inference (modality decided
+once per image, brightfield stain-separated into its hematoxylin channel), so the network is
+trained on what it will see. Brightfield colour images also keep their second stain, so that
+stain jitter can leak a random fraction of it into the hematoxylin channel, as a mis-estimated
+stain matrix would.
 """
 
 from __future__ import annotations
@@ -21,18 +27,35 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from cellmask.normalize import normalize
+from cellmask.appearance import concentrations, estimate, sample_pixels
+from cellmask.normalize import as_channels_first
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One annotated image: ``image`` float32 ``(3, H, W)`` normalised, ``labels`` int32 ``(H, W)``."""
+    """One annotated image: ``image`` float32 ``(3, H, W)`` as the network sees it, ``labels``
+    int32 ``(H, W)``; ``stain``: for brightfield colour images, the second stain's concentration
+    ``(H, W)`` on the scale of the network's channel (None otherwise)."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
+    stain: np.ndarray | None = None
+
+
+def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
+                   percentiles: tuple[float, float] = (1.0, 99.8),
+                   modality: str = "auto") -> Sample:
+    """A :class:`Sample` of one raw image, through the same appearance mapping as inference."""
+    chw = as_channels_first(image)
+    app = estimate(sample_pixels(chw), modality, percentiles)
+    stain = None
+    if app.modality == "brightfield" and chw.shape[0] == 3:
+        conc = concentrations(chw, np.asarray(app.stains), np.asarray(app.background))
+        stain = conc[1] / max(app.hi[0] - app.lo[0], 1e-6)
+    return Sample(name, app.apply(chw), labels, stain)
 
 
 def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
@@ -46,8 +69,9 @@ def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
 
 
 def load_samples(data_dir: str | Path, split: str | Path,
-                 percentiles: tuple[float, float] = (1.0, 99.8)) -> list[Sample]:
-    """Read and normalise every image of a split into memory."""
+                 percentiles: tuple[float, float] = (1.0, 99.8),
+                 modality: str = "auto") -> list[Sample]:
+    """Read every image of a split into memory, as the network sees it."""
     data_dir = Path(data_dir)
     samples = []
     for name in read_split(data_dir, split):
@@ -55,7 +79,7 @@ def load_samples(data_dir: str | Path, split: str | Path,
         labels = tifffile.imread(data_dir / "masks" / f"{name}.tif").astype(np.int32)
         if image.shape[:2] != labels.shape:
             raise ValueError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
-        samples.append(Sample(name, normalize(image, percentiles), labels))
+        samples.append(prepare_sample(name, image, labels, percentiles, modality))
     log.info("loaded %d images from %s", len(samples), split)
     return samples
 
@@ -91,7 +115,8 @@ def build_augment(crop: int, zoom: tuple[float, float]):
     """MONAI dictionary transforms on ``{"image": (3, H, W), "label": (1, H, W)}``."""
     from monai.data import set_track_meta
     from monai.transforms import (Compose, RandAdjustContrastd, RandFlipd,
-                                  RandGaussianNoised, RandRotate90d, RandScaleIntensityd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandRotate90d,
+                                  RandScaleIntensityd,
                                   RandShiftIntensityd, RandSpatialCropd, RandZoomd, SpatialPadd)
 
     set_track_meta(False)  # plain tensors: faster, and nothing downstream reads the metadata
@@ -108,29 +133,58 @@ def build_augment(crop: int, zoom: tuple[float, float]):
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandGaussianNoised("image", std=0.03, prob=0.2),
+        RandGaussianSmoothd("image", sigma_x=(0.25, 1.2), sigma_y=(0.25, 1.2), prob=0.2),
     ])
 
 
-class CropSampler:
-    """Draws augmented training batches from in-memory samples."""
+#: Largest fraction of the second stain leaked into (or taken out of) the hematoxylin channel
+#: by stain jitter.
+STAIN_LEAK = 0.15
 
-    def __init__(self, samples: list[Sample], crop: int, zoom: tuple[float, float], seed: int):
+
+class CropSampler:
+    """Draws augmented training batches from in-memory samples.
+
+    ``weights``: the probability of drawing each sample (default: uniform), so that several
+    data sets can each have a share of the crops.
+    """
+
+    def __init__(self, samples: list[Sample], crop: int, zoom: tuple[float, float], seed: int,
+                 weights: list[float] | None = None):
         if not samples:
             raise ValueError("no training images: check the split list")
         self.samples = samples
         self.crop = crop
         self.seed = seed
         self.augment = build_augment(crop, zoom)
+        if weights is not None:
+            w = np.asarray(weights, np.float64)
+            if w.shape != (len(samples),) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError("sample weights must be one non-negative number per sample")
+            self.weights = w / w.sum()
+        else:
+            self.weights = None
 
     def batch(self, step: int, size: int) -> tuple[list[torch.Tensor], list[dict]]:
         """The batch of iteration ``step``: ``size`` images ``(3, crop, crop)`` and targets."""
         rng = np.random.default_rng([self.seed, step])
         self.augment.set_random_state(seed=int(rng.integers(2**31)))
         images, targets = [], []
-        for index in rng.integers(len(self.samples), size=size):
+        if self.weights is None:
+            picks = rng.integers(len(self.samples), size=size)
+        else:
+            picks = rng.choice(len(self.samples), size=size, p=self.weights)
+        for index in picks:
             sample = self.samples[index]
-            out = self.augment({"image": sample.image, "label": sample.labels[None]})
-            image = torch.as_tensor(out["image"], dtype=torch.float32).contiguous()
+            leak = rng.uniform(-STAIN_LEAK, STAIN_LEAK) if rng.random() < 0.5 else 0.0
+            image = sample.image
+            if sample.stain is not None:  # augment signal and second stain together
+                image = np.concatenate([image[:1], sample.stain[None]])
+            out = self.augment({"image": image, "label": sample.labels[None]})
+            image = torch.as_tensor(out["image"], dtype=torch.float32)
+            if sample.stain is not None:
+                image = (image[:1] + leak * image[1:2]).expand(3, -1, -1)
+            image = image.contiguous()
             labels = np.asarray(out["label"])[0].astype(np.int32)
             images.append(image)
             targets.append(targets_from_labels(labels))

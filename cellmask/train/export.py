@@ -39,12 +39,32 @@ def parse_settings(items: list[str], inference_only: bool = True) -> dict[str, i
     return settings
 
 
+def check_card(card: dict[str, str]) -> dict[str, str]:
+    """A model description with known keys only (and a numeric pixel size)."""
+    from cellmask.model.registry import CARD_KEYS
+
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise InputError(f"--card keys must be among {', '.join(CARD_KEYS)}, not {unknown}")
+    for key in ("pixel_size_um", "trained_diameter"):
+        if key in card:
+            try:
+                if not float(card[key]) >= 0:
+                    raise ValueError
+            except ValueError:
+                raise InputError(f"--card {key}: {card[key]!r} is not a number >= 0") from None
+    return {k: str(v) for k, v in card.items()}
+
+
 def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
                  out: str | Path, *, trained_diameter: float = 20.0,
-                 settings: dict[str, float] | None = None) -> tuple[Path, dict]:
+                 settings: dict[str, float] | None = None,
+                 card: dict[str, str] | None = None) -> tuple[Path, dict]:
     """Tune the inference thresholds of ``weights`` on ``split`` and write ``out``.
 
     ``settings``: inference settings fixed before tuning (proposal budgets, for instance).
+    ``card``: the model's description stored in its header (keys of
+    :data:`cellmask.model.registry.CARD_KEYS`: modality, pixel size, data, licence, ...).
     Returns the written path and the tuned thresholds (with the objective they reached).
     """
     model = load_model(weights, device="cpu")
@@ -58,6 +78,7 @@ def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
     meta.update({"trained_diameter": str(trained_diameter), "tuned_on": str(split),
                  "fixed_settings": json.dumps(settings or {}),
                  "tuned_thresholds": json.dumps(best), "tuning_objective": f"{value:.4f}"})
+    meta.update(check_card(card or {}))
     path = save_weights(out, model.net.state_dict(), config, meta)
     log.info("exported %s with thresholds %s (ap50+ap75 on %s = %.4f)", path, best, split, value)
     return path, {**best, "objective": value}

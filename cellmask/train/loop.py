@@ -80,6 +80,25 @@ def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch
     return trainable
 
 
+def training_samples(cfg: TrainConfig, percentiles: tuple[float, float]
+                     ) -> tuple[list, list[float] | None]:
+    """The samples of ``cfg.data``/``cfg.split`` and of every ``cfg.more_data`` set, and each
+    sample's drawing weight (None: uniform, when there is one set)."""
+    samples = load_samples(cfg.data, cfg.split, percentiles)
+    if not cfg.more_data:
+        return samples, None
+    rest = 1.0 - sum(float(share) for _, _, share in cfg.more_data)
+    if rest <= 0 or any(float(share) <= 0 for _, _, share in cfg.more_data):
+        raise ValueError("the shares of the extra data sets must be positive and sum to less "
+                         "than 1 (the main set has the rest)")
+    weights = [rest / len(samples)] * len(samples)
+    for data, split, share in cfg.more_data:
+        more = load_samples(data, split, percentiles)
+        samples += more
+        weights += [float(share) / len(more)] * len(more)
+    return samples, weights
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: bool = False,
           init: str | None = None, changes: dict | None = None, progress: bool = True) -> Path:
     """Train (or fine-tune from ``init``) and return the path of the final weights file.
@@ -154,9 +173,10 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
     if optimizer_state:
         _restore_optimizer(opt, optimizer_state)
 
+    weights = None
     if samples is None:
-        samples = load_samples(cfg.data, cfg.split, model_cfg.norm_percentiles)
-    sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed)
+        samples, weights = training_samples(cfg, model_cfg.norm_percentiles)
+    sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights)
     meta = {"train_config": str(asdict(cfg)), "device": str(device)}
 
     def save(step: int) -> None:

@@ -18,7 +18,7 @@ from torchvision.ops import nms
 from cellmask.evaluate import iter_split
 from cellmask.metrics import Evaluation
 from cellmask.model.paint import Instances, paint
-from cellmask.normalize import normalize
+from cellmask.normalize import as_channels_first
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def tune_thresholds(model, data_dir: str | Path, split: str | Path,
                                    nms_thresh=max(GRID["nms_thresh"]))
     raws = []
     for _, image, gt in iter_split(data_dir, split):
-        chw = normalize(image, model.config.norm_percentiles)
+        chw = model.appearance(image).apply(as_channels_first(image))
         raws.append(_Raw(gt, permissive.detect(chw)))
     c = model.config
     best = {k: getattr(c, k) for k in GRID}
