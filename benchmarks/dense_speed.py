@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cellmask.hardware import describe  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -74,8 +75,7 @@ def main() -> None:
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     peak = peak_memory_2048(args.model)  # first, in a fresh process
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"torch threads, torch {torch.__version__}, device cpu")
+    print(f"machine: {describe()}; device cpu")
     model = cellmask.load_model(args.model, device="cpu")
     model.segment(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8))
     rows = []

@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cellmask.hardware import describe  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -58,7 +60,7 @@ def main() -> None:
     import zarr
 
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    print(f"device: {name}; {describe()}", flush=True)
     base, _ = dense_mosaic(2048)
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cellmask.hardware import describe  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -60,16 +60,6 @@ print(json.dumps({{"objects": r.objects, "timings": r.timings, "wall": wall, "wa
                   "hwm_kib": int(hwm), "precision": m.precision,
                   "workers": m.default_workers()}}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ap50(truth: np.ndarray, labels: np.ndarray) -> float:
@@ -107,10 +97,8 @@ def main() -> None:
     p.add_argument("--cellpose-python", help="interpreter with cellpose 3")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
-    import torch
 
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_name()}, {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; images from {args.split}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {describe()}; images from {args.split}")
     budget = Path(args.stardist_model) / "budget.json"
     if args.stardist_python and budget.is_file():
         print(f"# StarDist model {args.stardist_model}: {budget.read_text().strip()}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cellmask.hardware import describe  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -97,10 +98,8 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--no-agreement", action="store_true")
     args = p.parse_args()
-    import torch
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, device cpu")
+    print(f"machine: {describe()}; device cpu")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes:

@@ -18,5 +18,6 @@ from cellmask.normalize import InputError
 from cellmask.pipeline import SegmentationResult, open_labels, segment_zarr
 
 __all__ = ["InputError", "Model", "ModelConfig", "SegmentationResult", "TrainConfig",
-           "WeightsError", "list_models", "load_model", "measure", "metrics", "open_labels", "segment_zarr"]
+           "WeightsError", "list_models", "load_model", "measure", "metrics", "open_labels",
+           "segment_zarr"]
 __version__ = "0.1.0"

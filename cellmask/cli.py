@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 log = logging.getLogger("cellmask")
 
@@ -149,7 +148,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.split}: {ev.images} images, pooled over objects")
     print(format_table(ev))
     s = ev.summary()
-    print(f"AP@0.5 {s['ap@0.50']:.3f}  AP@0.75 {s['ap@0.75']:.3f}  mean AP 0.5:0.95 {s['mean_ap']:.3f}")
+    print(f"F1@0.5 {s['f1@0.50']:.3f}  AP@0.5 {s['ap@0.50']:.3f}  AP@0.75 {s['ap@0.75']:.3f}  "
+          f"mean AP 0.5:0.95 {s['mean_ap']:.3f}")
     if args.csv:
         ev.table().to_csv(args.csv, index=False)
     return 0

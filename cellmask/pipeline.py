@@ -3,10 +3,11 @@
 ``run(...)`` is a generator of :class:`Progress` events (the CLI draws them as a progress bar,
 napari as its own, a script ignores them); :func:`segment_zarr` consumes it.
 
-Stages: open the source lazily -> intensity range once for the whole image -> per tile (core
-aligned to the output chunks, read window = core + halo): detect, keep the instances whose
-centre is in the core, save them as a record (the resume log) -> resolve all instances
-(:mod:`cellmask.stitch`) -> paint chunk by chunk -> pyramid -> measurements.
+Stages: open the source lazily -> appearance (modality, stains, intensity range) once for the
+whole image, and for brightfield slides the tissue (tiles without any are recorded as empty)
+-> per tile (core aligned to the output chunks, read window = core + halo): detect, keep the
+instances whose centre is in the core, save them as a record (the resume log) -> resolve all
+instances (:mod:`cellmask.stitch`) -> paint chunk by chunk -> pyramid -> measurements.
 
 A killed run restarted with the same arguments reuses every finished tile record; a second run
 on the same output while one is alive is refused.
@@ -66,7 +67,8 @@ class SegmentationResult:
     labels: Any
     table: Any
     objects: int
-    #: Seconds: "setup" (opening, intensity range, output), "tiles" (wall time of all tiles),
+    #: Seconds: "setup" (opening, appearance, output), "tissue" (finding the tissue of a
+    #: brightfield slide, within "setup"), "tiles" (wall time of all tiles),
     #: "model" (worker-seconds: "prepare" normalising + "network" + "masks" box-local masks to
     #: pixels), "network_wall" (wall time with at least one worker in the network),
     #: "read_wait", "records", "stitch_paint" (resolution, painting, pyramid), "measure",
@@ -585,7 +587,8 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             lock.unlink(missing_ok=True)
         import dask.array as da
 
-        timings = {"setup": t0 - t_start, "tissue": t_tissue, "tiles": t_tiles, "model": t_model, **split,
+        timings = {"setup": t0 - t_start, "tissue": t_tissue, "tiles": t_tiles,
+                   "model": t_model, **split,
                    "read_wait": wait_read, "records": t_record, "stitch_paint": t_paint,
                    "measure": t_measure, "total": time.perf_counter() - t_start}
         yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])

@@ -71,7 +71,7 @@ class ImageSource:
 
 
 #: Micrometres per unit, for the length units of NGFF (UDUNITS-2 names) and OME-XML symbols.
-_UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u00b5m": 1.0, "µm": 1.0,
+_UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u00b5m": 1.0,
                 "μm": 1.0, "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3,
                 "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6, "angstrom": 1e-4,
                 "Å": 1e-4, "picometer": 1e-6, "pm": 1e-6}
