@@ -105,7 +105,11 @@ def hematoxylin(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> 
     """Hematoxylin concentration ``(1, h, w)`` float32 of RGB ``(3, h, w)`` under ``stains``."""
     od = optical_density(chw, background)
     unmix = np.linalg.inv(stains.astype(np.float64)).astype(np.float32)  # od = conc @ stains
-    return np.tensordot(unmix[:, 0], od, axes=(0, 0))[None].astype(np.float32, copy=False)
+    h = np.tensordot(unmix[:, 0], od, axes=(0, 0))[None].astype(np.float32, copy=False)
+    # pure black is no data in brightfield (scanner padding, chunks read around as zeros),
+    # not the densest stain: it reads as glass
+    h[0][(chw == 0).all(axis=0)] = 0.0
+    return h
 
 
 def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:

@@ -138,16 +138,23 @@ def _check_writable(root: Path) -> None:
 
 
 def estimate_appearance(src: ImageSource, percentiles, modality: str = "auto",
-                        max_samples: int = 4_000_000, skip_corrupt: bool = False) -> Appearance:
+                        max_samples: int = 4_000_000, skip_corrupt: bool = False
+                        ) -> tuple[Appearance, np.ndarray | None, int]:
     """Modality, stains and intensity range of the whole image, from a regular strided sample
-    (the same sample ``Model.segment`` takes of an in-memory image, so both map alike)."""
+    (the same sample ``Model.segment`` takes of an in-memory image, so both map alike).
+
+    Returns the appearance, the sample as a low-resolution view ``(h, w, C)`` of the image
+    (every ``step``-th pixel; None when corrupt chunks were read around) and ``step``: a
+    brightfield slide's tissue is found on that view, without reading the slide again.
+    """
     h, w = src.shape
     c = src.array.shape[2]
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    view = None
     try:
         # a local threaded read (cellmask.sources.sync_scheduler says why it is a function)
-        sample = src.array[::step, ::step].compute(scheduler=threaded_scheduler)
-        sample = np.asarray(sample).reshape(-1, c)
+        view = np.asarray(src.array[::step, ::step].compute(scheduler=threaded_scheduler))
+        sample = view.reshape(-1, c)
     except Exception:  # a corrupt chunk: sample chunk by chunk (named error, or skipped)
         parts = []
         for i, j, box in _chunks_in(src, (0, h, 0, w)):
@@ -167,7 +174,7 @@ def estimate_appearance(src: ImageSource, percentiles, modality: str = "auto",
     if not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
-    return estimate(sample, modality, percentiles)
+    return estimate(sample, modality, percentiles), view, step
 
 
 def _fingerprint(src: ImageSource, model, tile, halo, scale, appearance: Appearance) -> dict:
@@ -190,26 +197,28 @@ def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
     return record
 
 
-def find_tissue(src: ImageSource, appearance: Appearance):
-    """The :class:`~cellmask.tissue.TissueMask` of an RGB slide, from the coarsest pyramid
-    level that is still fine enough (else strided level-0 reads); None if the view cannot be
-    read (every tile is then segmented)."""
+def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):
+    """The :class:`~cellmask.tissue.TissueMask` of an RGB slide from the low-resolution view
+    the appearance was estimated on (coarsened to :data:`~cellmask.tissue.VIEW_SIDE`); None
+    without a view (every tile is then segmented)."""
     from cellmask.tissue import tissue_mask, view_step
 
-    step = view_step(src.shape)
-    level, factor = src.array, 1.0
-    for lv in src.levels or (src.array,):
-        f = src.shape[0] / max(1, lv.shape[0])
-        if factor < f <= step * 1.01:
-            level, factor = lv, f
-    k = max(1, int(step // factor))
-    try:
-        view = np.asarray(level[::k, ::k].compute(scheduler=threaded_scheduler))
-    except Exception as err:  # a corrupt chunk: no mask rather than a wrong one
-        log.warning("tissue detection skipped (%s: %s): every tile is segmented",
-                    type(err).__name__, err)
+    if view is None:
         return None
-    return tissue_mask(view.astype(np.float32), factor * k, appearance)
+    k = max(1, view_step(view.shape[:2]))
+    return tissue_mask(view[::k, ::k].astype(np.float32), step * k, appearance)
+
+
+def _corrupt_boxes(names: list[str]) -> list[tuple[int, int, int, int]]:
+    """Level-0 ``(y0, y1, x0, x1)`` of corrupt chunks from their names (:func:`_chunk_name`)."""
+    import re
+
+    out = []
+    for name in names:
+        m = re.search(r"pixels y (\d+):(\d+), x (\d+):(\d+)", name)
+        if m:
+            out.append(tuple(int(v) for v in m.groups()))
+    return out
 
 
 def _chunks_in(src: ImageSource, region):
@@ -415,11 +424,11 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
     appearance = tissue = None
     t_tissue = 0.0
     if tissue_mask and src.array.shape[2] == 3 and todo:  # a slide: find its tissue first
-        appearance = estimate_appearance(src, model.config.norm_percentiles, modality,
-                                         skip_corrupt=skip_corrupt)
+        appearance, view, step = estimate_appearance(src, model.config.norm_percentiles,
+                                                     modality, skip_corrupt=skip_corrupt)
         if appearance.modality == "brightfield":
             tt = time.perf_counter()
-            tissue = find_tissue(src, appearance)
+            tissue = find_tissue(view, step, appearance)
             t_tissue = time.perf_counter() - tt
     skipped = [tl for tl in todo if tissue is not None and not tissue.covers(tl.window)]
     if skipped:
@@ -450,7 +459,7 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             pool.start()
         if appearance is None:
             appearance = estimate_appearance(src, model.config.norm_percentiles, modality,
-                                             skip_corrupt=skip_corrupt)
+                                             skip_corrupt=skip_corrupt)[0]
         check_shape(root, name, src.shape)
         try:
             (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
@@ -541,8 +550,14 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
             level0 = group["0"]
             whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
 
+            holes = _corrupt_boxes(corrupt)
+
             def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
                 labels = paint_region(kept, index, tl.core)
+                for hy0, hy1, hx0, hx1 in holes:  # unreadable input stays empty in the labels
+                    y0, y1, x0, x1 = tl.core
+                    labels[max(hy0, y0) - y0:max(0, min(hy1, y1) - y0),
+                           max(hx0, x0) - x0:max(0, min(hx1, x1) - x0)] = 0
                 if whole_chunks:
                     write_levels(group, tl.core, labels)
                 else:

@@ -144,7 +144,7 @@ def test_modality_given_is_used_and_recorded(tmp_path, shipped_model):
 
 
 def test_segment_in_memory_brightfield_finds_the_nuclei(shipped_model):
-    """The stain-separated H&E input finds the annotated nuclei far better than raw RGB."""
+    """The stain-separated brightfield input finds the annotated nuclei of a real stained image."""
     from cellmask.metrics import Evaluation
 
     image, gt = load_fixture("histo_0e4c2e2780de")
