@@ -64,10 +64,8 @@ class Appearance:
 
     def apply(self, chw: np.ndarray) -> np.ndarray:
         """Raw ``(C, h, w)`` pixels (any real dtype) -> float32 network input ``(3, h, w)``."""
-        if self.modality == "fluorescence":
-            return apply_range(chw, np.asarray(self.lo, np.float32),
-                               np.asarray(self.hi, np.float32))
-        return apply_range(self._signal(chw), np.asarray(self.lo, np.float32),
+        signal = chw if self.modality == "fluorescence" else self._signal(chw)
+        return apply_range(signal, np.asarray(self.lo, np.float32),
                            np.asarray(self.hi, np.float32))
 
     def _signal(self, chw: np.ndarray) -> np.ndarray:
@@ -101,22 +99,22 @@ def optical_density(chw: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.maximum(-np.log10(np.minimum(ratio, 1.0)), 0.0)
 
 
-def hematoxylin(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Hematoxylin concentration ``(1, h, w)`` float32 of RGB ``(3, h, w)`` under ``stains``."""
+def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
+                   n: int = 3) -> np.ndarray:
+    """The first ``n`` stain concentrations ``(n, h, w)`` float32 of RGB ``(3, h, w)`` under
+    ``stains`` (rows: hematoxylin, second stain, residual). Pure black pixels are no data in
+    brightfield (scanner padding, chunks read around as zeros), not the densest stain: they
+    read as glass (0)."""
     od = optical_density(chw, background)
     unmix = np.linalg.inv(stains.astype(np.float64)).astype(np.float32)  # od = conc @ stains
-    h = np.tensordot(unmix[:, 0], od, axes=(0, 0))[None].astype(np.float32, copy=False)
-    # pure black is no data in brightfield (scanner padding, chunks read around as zeros),
-    # not the densest stain: it reads as glass
-    h[0][(chw == 0).all(axis=0)] = 0.0
-    return h
+    conc = np.tensordot(unmix[:, :n].T, od, axes=(1, 0)).astype(np.float32, copy=False)
+    conc[:, (chw == 0).all(axis=0)] = 0.0
+    return conc
 
 
-def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """All stain concentrations ``(3, h, w)`` (hematoxylin, second stain, residual)."""
-    od = optical_density(chw, background)
-    unmix = np.linalg.inv(stains.astype(np.float64)).astype(np.float32)
-    return np.tensordot(unmix.T, od, axes=(1, 0)).astype(np.float32, copy=False)
+def hematoxylin(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Hematoxylin concentration ``(1, h, w)`` float32 of RGB ``(3, h, w)`` under ``stains``."""
+    return concentrations(chw, stains, background, n=1)
 
 
 def macenko_stains(od: np.ndarray, alpha: float = 1.0) -> np.ndarray | None:
@@ -214,14 +212,6 @@ def estimate(sample: np.ndarray, modality: str = "auto",
     return Appearance("brightfield", (float(lo),), (float(hi),),
                       tuple(tuple(float(x) for x in row) for row in stains),
                       _floats(background), decided, method)
-
-
-def sample_pixels(chw: np.ndarray, max_samples: int = 4_000_000) -> np.ndarray:
-    """A regular strided sample ``(N, C)`` of an in-memory ``(C, H, W)`` image (the same grid
-    whole-slide runs take, so both estimate alike)."""
-    c, h, w = chw.shape
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    return chw[:, ::step, ::step].reshape(c, -1).T
 
 
 def _floats(values) -> tuple[float, ...]:

@@ -174,13 +174,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from cellmask.train.export import export_model, parse_settings
 
     card = dict(item.partition("=")[::2] for item in args.card)
-    if "trained_diameter" in card:
-        diameter = float(card.pop("trained_diameter"))
-    else:
-        diameter = 20.0
     path, best = export_model(args.weights, args.data, args.split, args.out,
-                              settings=parse_settings(args.set), card=card,
-                              trained_diameter=diameter)
+                              settings=parse_settings(args.set), card=card)
     print(f"wrote {path}: {best}")
     return 0
 

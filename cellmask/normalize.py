@@ -54,11 +54,17 @@ def percentile_range(chw: np.ndarray, percentiles: tuple[float, float],
     Large images are subsampled on a regular grid (at most ``max_samples`` pixels per channel),
     so the statistics are those of the whole image, never of a tile.
     """
+    lo, hi = np.percentile(sample_pixels(chw, max_samples), percentiles, axis=0)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def sample_pixels(chw: np.ndarray, max_samples: int = 4_000_000) -> np.ndarray:
+    """A regular strided sample ``(N, C)`` of an in-memory ``(C, H, W)`` image: at most
+    ``max_samples`` pixels per channel (the same grid whole-slide runs take, so both estimate
+    alike)."""
     c, h, w = chw.shape
     step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    sample = chw[:, ::step, ::step].reshape(c, -1)
-    lo, hi = np.percentile(sample, percentiles, axis=1).astype(np.float32)
-    return lo, hi
+    return chw[:, ::step, ::step].reshape(c, -1).T
 
 
 def apply_range(chw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -205,7 +205,7 @@ def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):
 
     if view is None:
         return None
-    k = max(1, view_step(view.shape[:2]))
+    k = view_step(view.shape[:2])
     return tissue_mask(view[::k, ::k].astype(np.float32), step * k, appearance)
 
 

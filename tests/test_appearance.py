@@ -10,8 +10,8 @@ from fixtures import load_fixture
 import cellmask
 from cellmask import appearance as appearance_mod
 from cellmask.appearance import (RUIFROK_HED, Appearance, decide_modality, estimate,
-                                 macenko_stains, optical_density, sample_pixels)
-from cellmask.normalize import InputError, as_channels_first
+                                 macenko_stains, optical_density)
+from cellmask.normalize import InputError, as_channels_first, sample_pixels
 from cellmask.tissue import tissue_mask
 
 

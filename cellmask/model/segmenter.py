@@ -21,8 +21,8 @@ from cellmask.model.paint import Instances, paint
 from cellmask.model.pool import GridRoIPool
 from cellmask.model.registry import is_non_commercial, resolve
 from cellmask.model.weights import check_state, load_weights
-from cellmask.appearance import Appearance, estimate, sample_pixels
-from cellmask.normalize import InputError, as_channels_first
+from cellmask.appearance import estimate
+from cellmask.normalize import InputError, as_channels_first, sample_pixels
 from cellmask.tiling import plan_tiles
 
 log = logging.getLogger(__name__)
@@ -185,11 +185,12 @@ class Model:
         value = float(self.meta.get("pixel_size_um", 0) or 0)
         return value if value > 0 else None
 
-    def appearance(self, image: np.ndarray, modality: str = "auto") -> Appearance:
-        """The :class:`~cellmask.appearance.Appearance` (modality, stains, intensity range) this
-        model's input mapping gives an in-memory image ``(H, W)`` / ``(H, W, C)``."""
+    def network_input(self, image: np.ndarray, modality: str = "auto") -> np.ndarray:
+        """An in-memory image ``(H, W)`` / ``(H, W, C)`` as this model's network sees it:
+        float32 ``(3, H, W)`` through the :class:`~cellmask.appearance.Appearance` estimated
+        once from the whole image."""
         chw = as_channels_first(image)
-        return estimate(sample_pixels(chw), modality, self.config.norm_percentiles)
+        return estimate(sample_pixels(chw), modality, self.config.norm_percentiles).apply(chw)
 
     def segment(self, image: np.ndarray, scale: float | None = None, *,
                 diameter: float | None = None, pixel_size: float | None = None,
@@ -206,9 +207,7 @@ class Model:
         ``pixel_size`` (um), rescaled to the model's training pixel size when it has one.
         Returns int32 ``(H, W)`` labels, 0 = background, ids 1..N by decreasing score.
         """
-        chw = as_channels_first(image)
-        app = estimate(sample_pixels(chw), modality, self.config.norm_percentiles)
-        norm = app.apply(chw)
+        norm = self.network_input(image, modality)
         scale = resolve_scale(self, scale, diameter, pixel_size)
         shape = norm.shape[1:]
         if scale != 1.0:

@@ -27,8 +27,8 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from cellmask.appearance import concentrations, estimate, sample_pixels
-from cellmask.normalize import as_channels_first
+from cellmask.appearance import concentrations, estimate
+from cellmask.normalize import as_channels_first, sample_pixels
 
 log = logging.getLogger(__name__)
 

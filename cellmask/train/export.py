@@ -57,7 +57,7 @@ def check_card(card: dict[str, str]) -> dict[str, str]:
 
 
 def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
-                 out: str | Path, *, trained_diameter: float = 20.0,
+                 out: str | Path, *, trained_diameter: float | None = None,
                  settings: dict[str, float] | None = None,
                  card: dict[str, str] | None = None) -> tuple[Path, dict]:
     """Tune the inference thresholds of ``weights`` on ``split`` and write ``out``.
@@ -75,10 +75,14 @@ def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
     best, value = tune_thresholds(model, data_dir, split)
     config = model.config.replace(**best)
     meta = {k: v for k, v in model.meta.items() if k not in ("format", "config")}
+    card = check_card(card or {})
+    if trained_diameter is None:  # the card's, else the training run's, else DSB2018's 20 px
+        trained_diameter = float(card.get("trained_diameter",
+                                          model.meta.get("trained_diameter", 20.0)))
     meta.update({"trained_diameter": str(trained_diameter), "tuned_on": str(split),
                  "fixed_settings": json.dumps(settings or {}),
                  "tuned_thresholds": json.dumps(best), "tuning_objective": f"{value:.4f}"})
-    meta.update(check_card(card or {}))
+    meta.update({k: v for k, v in card.items() if k != "trained_diameter"})
     path = save_weights(out, model.net.state_dict(), config, meta)
     log.info("exported %s with thresholds %s (ap50+ap75 on %s = %.4f)", path, best, split, value)
     return path, {**best, "objective": value}

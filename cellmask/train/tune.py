@@ -18,7 +18,6 @@ from torchvision.ops import nms
 from cellmask.evaluate import iter_split
 from cellmask.metrics import Evaluation
 from cellmask.model.paint import Instances, paint
-from cellmask.normalize import as_channels_first
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def tune_thresholds(model, data_dir: str | Path, split: str | Path,
                                    nms_thresh=max(GRID["nms_thresh"]))
     raws = []
     for _, image, gt in iter_split(data_dir, split):
-        chw = model.appearance(image).apply(as_channels_first(image))
+        chw = model.network_input(image)
         raws.append(_Raw(gt, permissive.detect(chw)))
     c = model.config
     best = {k: getattr(c, k) for k in GRID}
