@@ -51,8 +51,7 @@ class TrainWidget(Container):
         from cellmask.config import TrainConfig
         from cellmask.model.registry import resolve
         from cellmask.model.weights import load_weights, save_weights
-        from cellmask.normalize import normalize
-        from cellmask.train.data import Sample
+        from cellmask.train.data import prepare_sample
         from cellmask.train.loop import train_steps
 
         image, labels = self.image.value, self.labels.value
@@ -75,7 +74,8 @@ class TrainWidget(Container):
         cfg = TrainConfig(out=str(run_dir), iterations=self.iterations.value, batch_size=2,
                           crop=crop, lr=float(self.lr.value), warmup=min(20, self.iterations.value),
                           checkpoint_minutes=1e9)
-        samples = [Sample(image.name, normalize(img, model_cfg.norm_percentiles), lab)]
+        # the same modality and stain mapping as the Segment widget's runs
+        samples = [prepare_sample(image.name, img, lab, model_cfg.norm_percentiles)]
         steps = train_steps(cfg, model_cfg, init=init, samples=samples)
 
         @thread_worker

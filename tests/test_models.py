@@ -1,5 +1,6 @@
 """Shipped models, their descriptions and licences; training on several data sets."""
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -89,3 +90,20 @@ def test_brightfield_samples_are_stain_separated_and_jittered(dataset_dir):
     a, _ = sampler.batch(3, 2)
     b, _ = sampler.batch(3, 2)
     assert all(x.shape == (3, 128, 128) and (x == y).all() for x, y in zip(a, b))
+
+
+def test_fine_tuned_weights_keep_what_the_model_is(dataset_dir, tmp_path):
+    """Fine-tuning (and resuming) carries the initial model's licence and pixel size into the
+    new file: weights fine-tuned from a non-commercial model stay marked as such."""
+    from cellmask.train.loop import train
+
+    state, config, meta = load_weights(cellmask.model.registry.resolve("nuclei"))
+    init = save_weights(tmp_path / "nc.safetensors", state, config,
+                        {"licence": "CC BY-NC-SA 4.0", "pixel_size_um": "0.2527"})
+    cfg = TrainConfig(data=str(dataset_dir), split="splits/train.txt", out=str(tmp_path / "ft"),
+                      iterations=1, batch_size=1, crop=64, warmup=1)
+    out = train(cfg, init=str(init), progress=False)
+    tuned = read_header(out)["__metadata__"]
+    assert tuned["licence"] == "CC BY-NC-SA 4.0" and tuned["pixel_size_um"] == "0.2527"
+    resumed = train(dataclasses.replace(cfg, iterations=2), resume=True, progress=False)
+    assert read_header(resumed)["__metadata__"]["licence"] == "CC BY-NC-SA 4.0"

@@ -23,6 +23,7 @@ import torch
 from cellmask.config import ModelConfig, TrainConfig
 from cellmask.device import pick_device
 from cellmask.model.network import build_network
+from cellmask.model.registry import CARD_KEYS
 from cellmask.model.weights import check_state, load_weights, save_weights
 from cellmask.train.data import CropSampler, batches, load_samples
 
@@ -147,14 +148,17 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
     checkpoint = out / "checkpoint.safetensors"
     start = 0
     optimizer_state: dict[str, torch.Tensor] = {}
+    inherited: dict[str, str] = {}  # what the weights are (licence, pixel size, ...) goes on
     if resume and checkpoint.is_file():
         state, model_cfg, meta = load_weights(checkpoint)
+        inherited = {k: meta[k] for k in CARD_KEYS if k in meta}
         start = int(meta["step"])
         optimizer_state = {k: v for k, v in state.items() if k.startswith(_OPT_PREFIX)}
         state = {k: v for k, v in state.items() if not k.startswith(_OPT_PREFIX)}
         log.info("resuming from %s at step %d", checkpoint, start)
     elif init:
-        state, init_cfg, _ = load_weights(init)
+        state, init_cfg, init_meta = load_weights(init)
+        inherited = {k: init_meta[k] for k in CARD_KEYS if k in init_meta}
         model_cfg = model_cfg or init_cfg
         log.info("fine-tuning from %s", init)
     else:
@@ -177,7 +181,7 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
     if samples is None:
         samples, weights = training_samples(cfg, model_cfg.norm_percentiles)
     sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights)
-    meta = {"train_config": str(asdict(cfg)), "device": str(device)}
+    meta = {**inherited, "train_config": str(asdict(cfg)), "device": str(device)}
 
     def save(step: int) -> None:
         net_state = net.state_dict()
