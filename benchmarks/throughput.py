@@ -71,12 +71,12 @@ def run_size(size: int, tile: int, tmp: Path) -> dict:
     return row
 
 
-def agreement(tile: int = 256, halo: int = 64) -> dict:
+def agreement(tile: int = 256, halo: int = 64, size: int = 1024, model=None) -> dict:
     import cellmask
     from cellmask.metrics import Evaluation, iou_matrix
 
-    image, truth = dense_mosaic(1024, seed=1)
-    model = cellmask.load_model(device="cpu")
+    image, truth = dense_mosaic(size, seed=1)
+    model = model or cellmask.load_model(device="cpu")
     whole = model.segment(image, tile=4096)
     with tempfile.TemporaryDirectory() as d:
         tiled = np.asarray(cellmask.segment_zarr(image, Path(d) / "o.zarr", model=model,

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from cellmask.errors import CellmaskError
+
 log = logging.getLogger("cellmask")
 
 
@@ -97,12 +99,19 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="cellmask", help="name of the labels image")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="segment around unreadable chunks (read as 0) and report them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace cellmask's earlier labels of this name (another input, other "
+                        "settings, or edited by hand) instead of refusing")
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from cellmask.pipeline import segment_zarr
+    from cellmask.pipeline import check_output, open_source, segment_zarr
 
+    # the input and the output are checked before torch and the model load (seconds)
+    source = open_source(args.input, axes=args.axes, channel=args.channel, z=args.z, t=args.t,
+                         pixel_size=args.pixel_size)
+    check_output(source, args.out, args.name, overwrite=args.overwrite)
     client = None
     if args.scheduler:
         from dask.distributed import Client
@@ -112,14 +121,14 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device,
                        **({"precision": args.precision} if args.precision else {}))
-    result = segment_zarr(args.input, args.out, model=model, tile=args.tile,
+    result = segment_zarr(source, args.out, model=model, tile=args.tile,
                           halo=args.halo, device=args.device, batch_size=args.batch_size,
                           client=client, progress=not args.quiet, axes=args.axes,
                           channel=args.channel, z=args.z, t=args.t, scale=args.scale,
                           diameter=args.diameter, pixel_size=args.pixel_size,
                           modality=args.modality, tissue_mask=not args.no_tissue_mask,
                           name=args.name, skip_corrupt=args.skip_corrupt,
-                          workers=args.workers)
+                          workers=args.workers, overwrite=args.overwrite)
     for chunk in result.corrupt:
         print(f"cellmask: warning: corrupt input {chunk} was segmented as empty", file=sys.stderr)
     log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
@@ -240,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellmask: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as err:  # bad input, missing files, refused runs
+    except (CellmaskError, OSError) as err:  # bad input, missing files, refused runs, full disk
         if args.debug:
             raise
         print(f"cellmask: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # an unexpected failure: still one line, the traceback on request
+    except Exception as err:  # a defect of cellmask: still one line, the traceback on request
         if args.debug:
             raise
-        print(f"cellmask: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug "
-              "for the traceback)", file=sys.stderr)
+        print(f"cellmask: internal error: {type(err).__name__}: {_one_line(err)} (rerun with "
+              "--debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 
 

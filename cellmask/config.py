@@ -91,7 +91,13 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model configuration keys {unknown}: the weights file was "
                              "written by a newer cellmask; upgrade cellmask to load it")
-        return cls(**{k: _tuplify(v) for k, v in values.items()})
+        if not isinstance(values, dict):
+            raise ValueError("the model configuration is not a JSON object")
+        values = {k: _tuplify(v) for k, v in values.items()}
+        defaults = cls()
+        for name, value in values.items():
+            _check_field(name, value, getattr(defaults, name))
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -102,6 +108,44 @@ INFERENCE_SETTINGS = ("rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_i
                       "proposals_per_mpx", "rpn_pre_nms_ratio", "rpn_score_thresh",
                       "rpn_nms_thresh", "score_thresh",
                       "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area")
+
+
+#: Ranges of the numbers of a :class:`ModelConfig` read from a file: a weights header is
+#: untrusted input, and a network is built from it (widths of 10^9 would allocate without
+#: bound). Inclusive; fields not named here must be non-negative and below 10^6.
+_RANGES: dict[str, tuple[float, float]] = {
+    "in_channels": (1, 16), "stage_widths": (1, 2048), "stage_blocks": (1, 64),
+    "fpn_channels": (1, 2048), "anchor_sizes": (1, 4096), "anchor_ratios": (0.01, 100),
+    "box_head_width": (1, 8192), "mask_head_layers": (1, 2048), "mask_roi_size": (1, 64),
+    "rpn_positive_fraction": (0, 1), "box_positive_fraction": (0, 1),
+    "rpn_score_thresh": (0, 1), "rpn_nms_thresh": (0, 1), "score_thresh": (0, 1),
+    "nms_thresh": (0, 1), "mask_thresh": (0, 1), "min_visible_fraction": (0, 1),
+    "norm_percentiles": (0, 100), "rpn_pre_nms_ratio": (1, 100),
+}
+
+
+def _check_field(name: str, value: Any, default: Any) -> None:
+    """Refuse a configuration value of another structure than the default's, or out of range."""
+    lo, hi = _RANGES.get(name, (0, 1e6))
+
+    def check(v: Any, d: Any, where: str) -> None:
+        if isinstance(d, tuple):
+            fixed = where in ("stage_widths", "stage_blocks", "norm_percentiles", "anchor_sizes")
+            if not isinstance(v, tuple) or not 1 <= len(v) <= 64 or (fixed and len(v) != len(d)):
+                raise ValueError(f"model configuration {where} must be a list like {list(d)}")
+            for k, item in enumerate(v):
+                check(item, d[0] if d else 0, f"{where}[{k}]")
+            return
+        ok_type = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(d, int) and not isinstance(d, bool):
+            ok_type = ok_type and float(v).is_integer()
+        if not ok_type or not (lo <= float(v) <= hi):
+            raise ValueError(f"model configuration {where} = {v!r} is not a number in "
+                             f"[{lo:g}, {hi:g}]: the weights file is corrupt or not cellmask's")
+
+    check(value, default, name)
+    if name == "norm_percentiles" and not value[0] < value[1]:
+        raise ValueError(f"model configuration norm_percentiles {list(value)} must increase")
 
 
 def _tuplify(value: Any) -> Any:
@@ -147,3 +191,39 @@ class TrainConfig:
     #: crops (its images drawn uniformly); ``data``/``split`` give the rest.
     more_data: tuple[tuple[str, str, float], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One whole-image run (:func:`cellmask.pipeline.run`): how the image is read, tiled and
+    mapped, and what is written. The run's fingerprint is derived from it
+    (:meth:`arithmetic`), so a resumed run computes exactly what the first one did."""
+
+    #: Side of a tile's core and of the output chunks (level-0 pixels).
+    tile: int = 1024
+    #: Pixels read around each core; objects up to this size are never cut at a seam.
+    halo: int = 64
+    #: Name of the labels image (``labels/<name>``).
+    name: str = "cellmask"
+    batch_size: int | None = None
+    #: Tile batches in the network at once (default: the model's choice).
+    workers: int | None = None
+    axes: str | None = None
+    channel: int | None = None
+    z: int | None = None
+    t: int | None = None
+    #: Resize factor before the network; or ``diameter`` (px), or the pixel size (um).
+    scale: float | None = None
+    diameter: float | None = None
+    pixel_size: float | None = None
+    modality: str = "auto"
+    tissue_mask: bool = True
+    measure: bool = True
+    skip_corrupt: bool = False
+    #: Replace cellmask's own earlier labels of this name whatever they hold.
+    overwrite: bool = False
+
+    def arithmetic(self) -> dict:
+        """The settings of this configuration that change the labels (for the fingerprint)."""
+        return {"tile": self.tile, "halo": self.halo, "modality": self.modality,
+                "tissue_mask": self.tissue_mask}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from cellmask.errors import InputError
+
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` gives CUDA when available, else the CPU; anything else is checked and returned."""
@@ -13,6 +15,6 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is visible; use "
+        raise InputError(f"device {device!r} requested but no CUDA GPU is visible; use "
                          "--device cpu or auto")
     return dev

@@ -22,9 +22,11 @@ def _model_bytes(model) -> bytes:
                 metadata={"config": model.config.to_json()})
 
 
-def _worker_model(blob: bytes, digest: str, meta: dict):
-    """The model of ``blob`` (safetensors bytes), built once per worker process."""
-    if digest not in _MODELS:
+def _worker_model(blob: bytes, digest: str, meta: dict, precision: str):
+    """The model of ``blob`` (safetensors bytes), built once per worker process, computing
+    with the run's ``precision`` (a worker on other hardware refuses one it cannot do)."""
+    key = f"{digest}:{precision}"
+    if key not in _MODELS:
         import json
 
         import torch
@@ -38,24 +40,29 @@ def _worker_model(blob: bytes, digest: str, meta: dict):
         net = build_network(ModelConfig.from_json(header["__metadata__"]["config"]))
         net.load_state_dict(load(blob))
         torch.set_num_threads(1)  # one thread per worker process: the cluster parallelises
-        _MODELS[digest] = Model(net, ModelConfig.from_json(header["__metadata__"]["config"]),
-                                meta=meta, device="cpu")
-    return _MODELS[digest]
+        _MODELS[key] = Model(net, ModelConfig.from_json(header["__metadata__"]["config"]),
+                             meta=meta, device="cpu", precision=precision)
+    return _MODELS[key]
 
 
-def _task(blob, digest, meta, source, tile, appearance: dict, scale, record: str) -> int:
+def _task(blob, digest, meta, precision, source, tile, appearance: dict, scale, record: str,
+          skip_corrupt: bool) -> tuple[int, list[str]]:
     from cellmask.appearance import Appearance
+    from cellmask.engine import detect_tiles, read_window
     from cellmask.labels_store import save_npz_atomic
-    from cellmask.pipeline import detect_tiles
 
-    model = _worker_model(blob, digest, meta)
-    (inst,) = detect_tiles(model, source, [tile], Appearance.from_dict(appearance), scale)
+    model = _worker_model(blob, digest, meta, precision)
+    window, corrupt = read_window(source, tile.window, skip_corrupt)
+    (inst,) = detect_tiles(model, source, [tile], Appearance.from_dict(appearance), scale,
+                           [window])
     save_npz_atomic(Path(record), inst.to_arrays())
-    return len(inst)
+    return len(inst), corrupt
 
 
-def run_tiles(client, model, source, tiles, appearance, scale, run_dir: Path):
-    """Yield ``(objects, tile)`` as the cluster finishes each tile."""
+def run_tiles(client, model, source, tiles, appearance, scale, folder, skip_corrupt=False):
+    """Yield ``(objects, tile, corrupt chunk names)`` as the cluster finishes each tile; each
+    task writes its tile's record into ``folder`` (a :class:`~cellmask.run_state.RunFolder`
+    on a file system every worker sees), with the run's precision and ``skip_corrupt``."""
     from dask.distributed import as_completed
 
     blob = _model_bytes(model)
@@ -65,9 +72,10 @@ def run_tiles(client, model, source, tiles, appearance, scale, run_dir: Path):
     meta = dict(model.meta)
     futures = {}
     for tl in tiles:
-        record = str(run_dir / "tiles" / f"{tl.index[0]}_{tl.index[1]}.npz")
-        fut = client.submit(_task, blob_future, digest, meta, src_future, tl,
-                            appearance.to_dict(), scale, record, pure=False)
+        fut = client.submit(_task, blob_future, digest, meta, model.precision, src_future, tl,
+                            appearance.to_dict(), scale, str(folder.record_path(tl)),
+                            skip_corrupt, pure=False)
         futures[fut] = tl
     for fut in as_completed(futures):
-        yield fut.result(), futures[fut]
+        found, corrupt = fut.result()
+        yield found, futures[fut], corrupt

@@ -17,6 +17,8 @@ writing.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -170,19 +172,68 @@ def labels_level0(path: str | Path, name: str = "cellmask"):
 
 
 def read_json(path: Path, default=None):
+    """The JSON value in ``path``; ``default`` when the file is missing (a file cut short by a
+    power loss raises ``json.JSONDecodeError``)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the directory entry itself is data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not on POSIX file systems: the rename is what durability there is
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write a file that is either whole or absent, whatever stops the process: ``write(fh)``
+    fills a unique temporary file beside ``path`` (so two writers never share one), which is
+    fsynced and renamed over ``path``; the folder is fsynced so the rename survives a power
+    loss."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    tmp.replace(path)
+    text = json.dumps(value, indent=1, sort_keys=True).encode()
+    write_atomic(path, lambda fh: fh.write(text))
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))
+
+
+def fsync_tree(folder: Path, skip: tuple[str, ...] = (".run",)) -> None:
+    """fsync every file and folder under ``folder`` (the chunks zarr wrote), so that a run
+    marked done is on disk; folders named in ``skip`` are left out."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in filenames:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from skimage.morphology import convex_hull_image
 
+from cellmask.errors import InputError
 from cellmask.sources import sync_scheduler
 
 SHAPE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity", "perimeter",
@@ -37,14 +38,14 @@ def measure(labels: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D (H, W), got shape {labels.shape}")
+        raise InputError(f"labels must be 2-D (H, W), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer array, got {labels.dtype}")
+        raise InputError(f"labels must be an integer array, got {labels.dtype}")
     intensity = None
     if image is not None:
         intensity = np.asarray(image)
         if intensity.shape[:2] != labels.shape:
-            raise ValueError(f"image {intensity.shape} and labels {labels.shape} differ in size")
+            raise InputError(f"image {intensity.shape} and labels {labels.shape} differ in size")
     padded = np.pad(labels.astype(np.int64, copy=False), 1)
     if intensity is not None:
         intensity = np.pad(intensity.astype(np.float64, copy=False),

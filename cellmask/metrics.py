@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from cellmask.errors import InputError
+
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
 
@@ -37,7 +39,7 @@ def iou_matrix(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     gt = np.asarray(gt)
     pred = np.asarray(pred)
     if gt.shape != pred.shape:
-        raise ValueError(f"label images differ in shape: {gt.shape} vs {pred.shape}")
+        raise InputError(f"label images differ in shape: {gt.shape} vs {pred.shape}")
     g, ng = _relabel(gt)
     p, npred = _relabel(pred)
     inter = np.bincount((g.ravel().astype(np.int64) * (npred + 1) + p.ravel()),

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellmask.errors import InputError  # noqa: F401  (re-exported)
+
 #: The conversions ``as_channels_first`` performs, for the documentation of ``segment``.
 SUPPORTED = ("(H, W) grey or (H, W, 1), (H, W, 3) RGB; any integer, float or bool dtype "
              "(bool becomes 0/1)")
-
-
-class InputError(ValueError):
-    """An image that cellmask cannot segment, with a message saying what to do."""
 
 
 def as_channels_first(image: np.ndarray) -> np.ndarray:

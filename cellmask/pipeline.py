@@ -15,33 +15,35 @@ on the same output while one is alive is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from cellmask.labels_store import (check_shape, create_labels, labels_level0, read_json,
-                                   save_npz_atomic, tile_pyramid, write_json_atomic,
-                                   write_levels, write_pyramid)
+from cellmask.appearance import Appearance
+from cellmask.config import RunConfig
+from cellmask.engine import TileTimer, WindowReader, read_window
+from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F401
+from cellmask.labels_store import (DATASETS, check_shape, create_labels, fsync_tree,
+                                   labels_level0, read_json, save_npz_atomic, tile_pyramid,
+                                   write_atomic, write_json_atomic, write_levels,
+                                   write_pyramid)
 from cellmask.memory import limit_arenas, trim
-from cellmask.model.paint import Instances, local_masks, pixel_windows
-from cellmask.appearance import Appearance, estimate
-from cellmask.normalize import InputError
-from cellmask.sources import ImageSource, open_image, sync_scheduler, threaded_scheduler
+from cellmask.run_state import (RunFolder, check_not_foreign, differences, labels_digest,
+                                source_identity, tile_key)
+from cellmask.sources import ImageSource, open_image
 from cellmask.stitch import InstanceSet, SpatialIndex, paint_region, resolve
+from cellmask.survey import Survey, corrupt_boxes, find_tissue, survey_image
 from cellmask.tiling import Tile, plan_tiles
-from cellmask.workers import ModelThreads
 
 log = logging.getLogger(__name__)
 
@@ -78,110 +80,72 @@ class SegmentationResult:
     corrupt: list[str] = field(default_factory=list)
 
 
-class OutputLocked(RuntimeError):
-    """Another live run is writing the same output."""
+#: Suffixes of image files: an output named so would be a folder that looks like an image.
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".png", ".jpg", ".jpeg", ".npy",
+                   ".ome.tif", ".ome.tiff", ".czi", ".nd2", ".lif")
+#: Suffixes stripped from an input's name to make the default output name.
+_INPUT_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr") + _IMAGE_SUFFIXES
 
 
-def _output_root(src: ImageSource, output) -> Path:
+def output_root(src: ImageSource, output) -> Path:
+    """The store the labels go to: ``output``, else the input OME-Zarr itself, else the input's
+    whole name without its image suffix + ``.cellmask.ome.zarr`` (``plate.A1.tif`` ->
+    ``plate.A1.cellmask.ome.zarr``, so that names never collide)."""
     if output is not None:
         out = Path(output)
         if src.path is not None and out.resolve() == Path(src.path).resolve() \
                 and src.kind != "ome-zarr":
             raise InputError(f"output {out} is the input file: choose another output path")
+        if out.name.lower().endswith(_IMAGE_SUFFIXES):
+            raise InputError(f"output {out} names an image file, but cellmask writes an "
+                             "OME-Zarr folder: pass --out NAME.ome.zarr")
         return out
     if src.kind == "ome-zarr" and src.group is not None:
         return Path(src.group)
     if src.path is not None:
         p = Path(src.path)
-        return p.with_name(p.name.split(".")[0] + ".cellmask.ome.zarr")
+        stem = p.name
+        for suffix in _INPUT_SUFFIXES:
+            if stem.lower().endswith(suffix):
+                stem = stem[:-len(suffix)]
+                break
+        return p.with_name(stem + ".cellmask.ome.zarr")
     raise InputError("an in-memory image needs output= (a path for the OME-Zarr labels)")
 
 
-def _lock(run_dir: Path) -> Path:
-    lock = run_dir / "lock"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
-            return lock
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            alive = host == socket.gethostname() and _pid_alive(int(pid or 0))
-            if alive or host != socket.gethostname():
-                raise OutputLocked(f"another cellmask run ({host} pid {pid}) is writing "
-                                   f"{run_dir.parent}: wait for it, or delete {lock} if it "
-                                   "is dead") from None
-            lock.unlink()  # stale: its process is gone
-    raise OutputLocked(f"could not lock {run_dir}")
+def open_source(source, *, axes: str | None = None, channel: int | None = None,
+                z: int | None = None, t: int | None = None,
+                pixel_size: float | None = None) -> ImageSource:
+    """The stage "open": the input, lazily, with the pixel size override applied."""
+    src = open_image(source, axes=axes, channel=channel, z=z, t=t)
+    if pixel_size is not None:
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise InputError(f"pixel size must be a positive number of um, got {pixel_size}")
+        src = src.with_pixel_size(pixel_size)
+    return src
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def check_output(src: ImageSource, output, name: str = "cellmask",
+                 overwrite: bool = False) -> Path:
+    """Everything about the output that can be refused before the model loads: its name, that
+    it is writable, and that ``labels/<name>`` is not another tool's. Returns the store."""
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"labels name {name!r} must be a plain name such as 'cellmask'")
+    root = output_root(src, output)
+    _check_writable(root)
+    check_not_foreign(root, name)
+    return root
 
 
 def _check_writable(root: Path) -> None:
     """Fail early, with the fix, when the output cannot be written."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"output {root} exists and is a file, not an OME-Zarr folder: "
+                         "choose another --out")
     probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise InputError(f"cannot write the output {root}: {probe} is read-only; pass a "
                          "writable --out (output=)")
-
-
-def estimate_appearance(src: ImageSource, percentiles, modality: str = "auto",
-                        max_samples: int = 4_000_000, skip_corrupt: bool = False
-                        ) -> tuple[Appearance, np.ndarray | None, int]:
-    """Modality, stains and intensity range of the whole image, from a regular strided sample
-    (the same sample ``Model.segment`` takes of an in-memory image, so both map alike).
-
-    Returns the appearance, the sample as a low-resolution view ``(h, w, C)`` of the image
-    (every ``step``-th pixel; None when corrupt chunks were read around) and ``step``: a
-    brightfield slide's tissue is found on that view, without reading the slide again.
-    """
-    h, w = src.shape
-    c = src.array.shape[2]
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    view = None
-    try:
-        # a local threaded read (cellmask.sources.sync_scheduler says why it is a function)
-        view = np.asarray(src.array[::step, ::step].compute(scheduler=threaded_scheduler))
-        sample = view.reshape(-1, c)
-    except Exception:  # a corrupt chunk: sample chunk by chunk (named error, or skipped)
-        parts = []
-        for i, j, box in _chunks_in(src, (0, h, 0, w)):
-            oy, ox = (-box[0]) % step, (-box[2]) % step
-            try:
-                block = src.array[box[0] + oy:box[1]:step,
-                                  box[2] + ox:box[3]:step].compute(scheduler=sync_scheduler)
-            except Exception:  # this chunk is broken
-                if not skip_corrupt:
-                    raise InputError(f"cannot read {src.path or 'the image'}: "
-                                     f"{_chunk_name(src, i, j, box)} is corrupt; repair it, or "
-                                     "pass --skip-corrupt to segment around it") from None
-                continue
-            parts.append(np.asarray(block).reshape(-1, c))
-        sample = np.concatenate(parts) if parts else np.zeros((1, c))
-    sample = sample.astype(np.float32)
-    if not np.isfinite(sample).all():
-        raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
-                         "before segmenting")
-    return estimate(sample, modality, percentiles), view, step
-
-
-def _fingerprint(src: ImageSource, model, tile, halo, scale, appearance: Appearance) -> dict:
-    return {"shape": list(src.shape), "channels": int(src.array.shape[2]),
-            "dtype": str(src.array.dtype), "model": model.weights_digest,
-            "config": json.loads(model.config.to_json()), "tile": tile, "halo": halo,
-            "scale": scale, "appearance": appearance.to_dict()}
 
 
 def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
@@ -197,307 +161,225 @@ def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
     return record
 
 
-def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):
-    """The :class:`~cellmask.tissue.TissueMask` of an RGB slide from the low-resolution view
-    the appearance was estimated on (coarsened to :data:`~cellmask.tissue.VIEW_SIDE`); None
-    without a view (every tile is then segmented)."""
-    from cellmask.tissue import tissue_mask, view_step
-
-    if view is None:
-        return None
-    k = view_step(view.shape[:2])
-    return tissue_mask(view[::k, ::k].astype(np.float32), step * k, appearance)
-
-
-def _corrupt_boxes(names: list[str]) -> list[tuple[int, int, int, int]]:
-    """Level-0 ``(y0, y1, x0, x1)`` of corrupt chunks from their names (:func:`_chunk_name`)."""
-    import re
-
-    out = []
-    for name in names:
-        m = re.search(r"pixels y (\d+):(\d+), x (\d+):(\d+)", name)
-        if m:
-            out.append(tuple(int(v) for v in m.groups()))
-    return out
+def fingerprint(src: ImageSource, survey: Survey, model, cfg: RunConfig, scale: float,
+                batch: int) -> dict:
+    """The run's identity: its input, its model and every setting of its arithmetic."""
+    return {"input": source_identity(src, survey.digest),
+            "model": {"digest": model.weights_digest,
+                      "config": json.loads(model.config.to_json())},
+            "settings": {**cfg.arithmetic(), "scale": scale, "batch": batch,
+                         "precision": model.precision, "device": model.device.type},
+            "appearance": survey.appearance.to_dict()}
 
 
-def _chunks_in(src: ImageSource, region):
-    """``(i, j, (y0, y1, x0, x1))`` of the source chunks that intersect ``region``."""
-    y0, y1, x0, x1 = region
-    cy = np.cumsum((0,) + src.array.chunks[0])
-    cx = np.cumsum((0,) + src.array.chunks[1])
-    for i in range(np.searchsorted(cy, y0, "right") - 1, np.searchsorted(cy, y1, "left")):
-        for j in range(np.searchsorted(cx, x0, "right") - 1, np.searchsorted(cx, x1, "left")):
-            yield i, j, (int(cy[i]), int(cy[i + 1]), int(cx[j]), int(cx[j + 1]))
-
-
-def _chunk_name(src: ImageSource, i: int, j: int, box) -> str:
-    key = {3: f"c/{i}/{j}", 2: f"{i}.{j}"}.get(src.zarr_format) if src.kind in (
-        "zarr", "ome-zarr") else None
-    where = f"pixels y {box[0]}:{box[1]}, x {box[2]}:{box[3]}"
-    return f"chunk ({i}, {j}) ({'key ' + key + ', ' if key else ''}{where})"
-
-
-def read_window(src: ImageSource, region: tuple[int, int, int, int],
-                skip_corrupt: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Pixels ``(h, w, C)`` of ``region`` ``(y0, y1, x0, x1)`` and the corrupt chunks met.
-
-    A chunk that cannot be decoded raises :class:`InputError` naming it, or, with
-    ``skip_corrupt``, reads as zeros and is reported.
-    """
-    y0, y1, x0, x1 = region
-    try:
-        # synchronous: a window is a few chunks, read in the calling (reader) thread
-        return np.asarray(src.array[y0:y1, x0:x1].compute(scheduler=sync_scheduler)), []
-    except Exception as err:  # codecs raise many types: find the broken chunks
-        first_error = f"{type(err).__name__}: {err}"
-    out = np.zeros((y1 - y0, x1 - x0, src.array.shape[2]), src.array.dtype)
-    corrupt = []
-    for i, j, box in _chunks_in(src, region):
-        iy0, iy1, ix0, ix1 = max(box[0], y0), min(box[1], y1), max(box[2], x0), min(box[3], x1)
-        try:
-            out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = \
-                src.array[iy0:iy1, ix0:ix1].compute(scheduler=sync_scheduler)
-        except Exception:  # this chunk is broken
-            name = _chunk_name(src, i, j, box)
-            if not skip_corrupt:
-                raise InputError(f"cannot read {src.path or 'the image'}: {name} is corrupt "
-                                 f"({first_error}); repair or re-export it, or pass "
-                                 "--skip-corrupt to segment around it") from None
-            corrupt.append(name)
-    if not corrupt:
-        raise InputError(f"cannot read y {y0}:{y1}, x {x0}:{x1} of {src.path or 'the image'} "
-                         f"({first_error})")
-    return out, corrupt
-
-
-def _prepare(window: np.ndarray, region, appearance: Appearance, scale: float) -> np.ndarray:
-    """Raw ``(h, w, C)`` pixels -> the network's input (rescaled) ``(3, h', w')``."""
-    import torch
-    import torch.nn.functional as F
-
-    chw = np.moveaxis(window, -1, 0)
-    if chw.dtype.kind == "f" and not np.isfinite(chw).all():  # integers cannot be NaN
-        y0, y1, x0, x1 = region
-        raise InputError(f"the image has NaN or infinite pixels in y {y0}:{y1}, x {x0}:{x1}: "
-                         "replace them (e.g. with 0) before segmenting")
-    chw = appearance.apply(chw)
-    if scale != 1.0:
-        size = (max(1, round(chw.shape[1] * scale)), max(1, round(chw.shape[2] * scale)))
-        chw = F.interpolate(torch.from_numpy(chw)[None], size=size, mode="bilinear",
-                            antialias=scale < 1, align_corners=False)[0].numpy()
-    return chw
-
-
-def detect_tiles(model, src: ImageSource, tiles: list[Tile], appearance: Appearance,
-                 scale: float,
-                 windows: list[np.ndarray] | None = None,
-                 timings: dict[str, float] | None = None,
-                 on_network=None) -> list[InstanceSet]:
-    """The instances each tile owns, as binary masks over pixel windows (level-0 frame); the
-    tiles go through the network in one batch. ``timings``, if given, accumulates the seconds
-    spent in "prepare" (normalising), "network" and "masks" (box-local masks to pixels);
-    ``on_network(start, end)``, if given, receives the network's time interval."""
-    clock = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    if windows is None:
-        windows = [read_window(src, t.window)[0] for t in tiles]
-    inputs = [_prepare(w, t.window, appearance, scale) for t, w in zip(tiles, windows)]
-    cores = []
-    for t, chw in zip(tiles, inputs):  # each tile's core in its network input's pixels
-        y0, y1, x0, x1 = t.window
-        fy, fx = chw.shape[1] / (y1 - y0), chw.shape[2] / (x1 - x0)
-        cy0, cy1, cx0, cx1 = t.local_core
-        cores.append((cy0 * fy, cy1 * fy, cx0 * fx, cx1 * fx))
-    t1 = time.perf_counter()
-    found = model.detect_batch(inputs, cores)
-    t2 = time.perf_counter()
-    out = []
-    for t, chw, inst in zip(tiles, inputs, found):
-        y0, y1, x0, x1 = t.window
-        f = np.array([(x1 - x0) / chw.shape[2], (y1 - y0) / chw.shape[1]] * 2, np.float32)
-        inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0).owned_by(t)
-        boxes = pixel_windows(inst.boxes, src.shape)
-        out.append(InstanceSet(boxes, inst.scores, local_masks(  # on the GPU when there is one
-            inst, boxes, model.config.mask_thresh, device=model.device)))
-    t3 = time.perf_counter()
-    if on_network is not None:
-        on_network(t1, t2)
-    for key, seconds in (("prepare", t1 - t0), ("network", t2 - t1), ("masks", t3 - t2)):
-        clock[key] = clock.get(key, 0.0) + seconds
-    return out
-
-
-class _TileTimer:
-    """What the tile workers spent: worker-seconds per step, and the network's intervals."""
-
-    def __init__(self, split: dict[str, float]):
-        self.split, self.seconds = split, 0.0
-        self.spans: list[tuple[float, float]] = []
-        self._lock = threading.Lock()
-
-    def detect(self, model, detector, src, tiles, windows, appearance,
-               scale) -> list[InstanceSet]:
-        t0 = time.perf_counter()
-        own: dict[str, float] = {}
-        if detector is not None:
-            found = [detector(tl, w) for tl, w in zip(tiles, windows)]
-        else:
-            found = detect_tiles(model, src, tiles, appearance, scale, windows, own,
-                                 lambda a, b: self.spans.append((a, b)))
-        with self._lock:
-            self.seconds += time.perf_counter() - t0
-            for key, value in own.items():
-                self.split[key] = self.split.get(key, 0.0) + value
-        return found
-
-    def network_wall(self) -> float:
-        """Seconds during which at least one worker was in the network."""
-        total, end = 0.0, -np.inf
-        for a, b in sorted(self.spans):
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total
-
-
-def _record_path(run_dir: Path, tile: Tile) -> Path:
-    return run_dir / "tiles" / f"{tile.index[0]}_{tile.index[1]}.npz"
-
-
-def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
-        device: str = "auto", batch_size: int | None = None, client=None, name: str = "cellmask",
-        axes: str | None = None, channel: int | None = None, z: int | None = None,
-        t: int | None = None, scale: float | None = None, diameter: float | None = None,
-        pixel_size: float | None = None, modality: str = "auto", tissue_mask: bool = True,
-        measure: bool = True,
-        skip_corrupt: bool = False, detector=None,
-        workers: int | None = None) -> Iterator[Progress | SegmentationResult]:
+def run(source, output=None, *, model=None, device: str = "auto", client=None, detector=None,
+        config: RunConfig | None = None, **settings) -> Iterator[Progress | SegmentationResult]:
     """Segment ``source`` into ``output``; yields progress events, then the result.
 
-    ``modality``: "auto" (decided once from a strided sample of the image and logged),
-    "fluorescence" or "brightfield" (stains separated once for the whole image). The objects
-    meet the network at the model's training scale: ``scale`` as given, or from ``diameter``
-    (typical object diameter, px), or from the pixel size (``pixel_size`` um, else the
-    input's metadata) when the model knows its own; labels are written at level-0 resolution
-    with the input's pixel size and unit. ``tissue_mask`` (brightfield RGB only): tiles whose
-    read window holds no tissue on a low-resolution view are recorded as empty, not segmented.
+    Settings are a :class:`~cellmask.config.RunConfig` (``config=``) or its fields as keywords
+    (``tile=``, ``halo=``, ``scale=``, ``modality=``, ...). Stages, in order: **open** the input
+    lazily and check the output; **survey** the whole image once (modality, stains and
+    intensity range from a strided sample, its digest, the tissue of a brightfield slide);
+    **plan** the tiles, lock the run folder and compare fingerprints (a run resumes only its own
+    records; another input or other settings are refused, naming what differs, unless
+    ``overwrite``); **detect** each unfinished tile (core + halo) and save what it owns as a
+    record; **resolve** all instances; **paint** them chunk by chunk with the pyramid;
+    **measure**. Labels are written at level-0 resolution with the input's pixel size and unit.
 
-    ``workers``: tile batches in the network at once (default :meth:`Model.default_workers`:
-    2 on a CPU with 2 or more cores, 1 on a GPU); the torch threads are shared among them.
-
-    ``detector(tile, window)``, if given, replaces the model's :func:`detect_tiles`: it receives
-    a :class:`~cellmask.tiling.Tile` and its raw window ``(h, w, C)`` and returns the
+    ``detector(tile, window)``, if given, replaces the model's tile detection: it receives a
+    :class:`~cellmask.tiling.Tile` and its raw window ``(h, w, C)`` and returns the
     :class:`~cellmask.stitch.InstanceSet` the tile owns (used to test tiling and stitching with
     exact, model-free instances).
     """
     from cellmask.appearance import MODALITIES
-    from cellmask.model.segmenter import load_model, resolve_scale
 
-    if tile <= 0 or halo < 0:
-        raise InputError(f"tile must be positive and halo zero or more (got {tile}, {halo})")
-    if tile < 2 * halo:
-        raise InputError(f"tile {tile} is smaller than twice the halo {halo}: use --tile "
-                         f"{max(256, 4 * halo)} or a smaller --halo")
-    t_start = time.perf_counter()
-    if modality not in MODALITIES:
-        raise InputError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
-    src = open_image(source, axes=axes, channel=channel, z=z, t=t)
-    if pixel_size is not None:
-        if not (np.isfinite(pixel_size) and pixel_size > 0):
-            raise InputError(f"pixel size must be a positive number of um, got {pixel_size}")
-        src = src.with_pixel_size(pixel_size)
-    if model is None or isinstance(model, (str, Path)):
-        model = load_model(model or "nuclei", device=device)
-    px_um = src.pixel_size_um
-    scale = resolve_scale(model, scale, diameter, px_um[1] if px_um else None)
-    log.info("scale %.4g (input pixel %s, model trained at %s)", scale,
-             f"{px_um[1]:g} um" if px_um else "size unknown",
-             f"{model.pixel_size:g} um" if model.pixel_size else "no stated pixel size")
-    root = _output_root(src, output)
-    fmt = src.zarr_format if src.kind == "ome-zarr" and output is None else 3
-    _check_writable(root)
-    group_dir = root / "labels" / name
-    run_dir = group_dir / ".run"
-    tiles = plan_tiles(src.shape, tile, halo)
-    todo = [tl for tl in tiles if not _record_path(run_dir, tl).is_file()]
-    appearance = tissue = None
-    t_tissue = 0.0
-    if tissue_mask and src.array.shape[2] == 3 and todo:  # a slide: find its tissue first
-        appearance, view, step = estimate_appearance(src, model.config.norm_percentiles,
-                                                     modality, skip_corrupt=skip_corrupt)
-        if appearance.modality == "brightfield":
-            tt = time.perf_counter()
-            tissue = find_tissue(view, step, appearance)
-            t_tissue = time.perf_counter() - tt
-    skipped = [tl for tl in todo if tissue is not None and not tissue.covers(tl.window)]
-    if skipped:
-        todo = [tl for tl in todo if tissue.covers(tl.window)]
-        log.info("tissue: %.0f%% of the slide (optical density > %.3f); %d of %d tiles hold "
-                 "none and are recorded as empty", 100 * tissue.fraction, tissue.threshold,
-                 len(skipped), len(tiles))
-    batch = max(1, batch_size or model.default_batch_size())
-    groups = [todo[k:k + batch] for k in range(0, len(todo), batch)]
-    n_workers = max(1, int(workers or model.default_workers()))
-    limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
-    def create_output():
+    cfg = dataclasses.replace(config or RunConfig(), **settings)
+    if cfg.tile <= 0 or cfg.halo < 0:
+        raise InputError(f"tile must be positive and halo zero or more (got {cfg.tile}, "
+                         f"{cfg.halo})")
+    if cfg.tile < 2 * cfg.halo:
+        raise InputError(f"tile {cfg.tile} is smaller than twice the halo {cfg.halo}: use "
+                         f"--tile {max(256, 4 * cfg.halo)} or a smaller --halo")
+    if cfg.modality not in MODALITIES:
+        raise InputError(f"modality {cfg.modality!r} is not one of {', '.join(MODALITIES)}")
+    stages = _Stages(cfg, client, detector)
+    stages.open(source, output, model, device)
+    stages.survey()
+    stages.plan()
+    try:
+        yield from stages.detect()
+        yield from stages.resolve_and_paint()
+        stages.measure()
+        stages.finish()
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            finished = len(list(stages.folder.tiles_dir.glob("*_*.npz")))
+            raise OSError(err.errno, f"the disk holding {stages.root} is full "
+                          f"({err.strerror}); {finished} tile results are saved: free some "
+                          "space and run the same command again to continue") from None
+        raise
+    finally:
+        stages.folder.unlock()
+    yield Progress("done", len(stages.tiles), len(stages.tiles), len(stages.kept),
+                   seconds=stages.timings["total"])
+    yield stages.result()
+
+
+class _Stages:
+    """The state one run carries from stage to stage (see :func:`run`)."""
+
+    def __init__(self, cfg: RunConfig, client, detector):
+        self.cfg, self.client, self.detector = cfg, client, detector
+        self.t_start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.corrupt: list[str] = []
+        self.tissue = None
+        self.skipped: list[Tile] = []
+        self.table = None
+
+    # --- open
+    def open(self, source, output, model, device) -> None:
+        from cellmask.model.segmenter import load_model, resolve_scale
+
+        cfg = self.cfg
+        self.src = open_source(source, axes=cfg.axes, channel=cfg.channel, z=cfg.z, t=cfg.t,
+                               pixel_size=cfg.pixel_size)
+        self.root = check_output(self.src, output, cfg.name, cfg.overwrite)
+        self.output_given = output is not None
+        if model is None or isinstance(model, (str, Path)):  # after every check of the input
+            model = load_model(model or "nuclei", device=device)
+        self.model = model
+        px_um = self.src.pixel_size_um
+        self.scale = resolve_scale(model, cfg.scale, cfg.diameter, px_um[1] if px_um else None)
+        log.info("scale %.4g (input pixel %s, model trained at %s)", self.scale,
+                 f"{px_um[1]:g} um" if px_um else "size unknown",
+                 f"{model.pixel_size:g} um" if model.pixel_size else "no stated pixel size")
+        self.group_dir = self.root / "labels" / cfg.name
+        self.folder = RunFolder(self.group_dir)
+        self.batch = max(1, cfg.batch_size or model.default_batch_size())
+
+    # --- survey
+    def survey(self) -> None:
+        cfg = self.cfg
+        self.look = survey_image(self.src, self.model.config.norm_percentiles, cfg.modality,
+                                 skip_corrupt=cfg.skip_corrupt)
+        self.appearance = self.look.appearance
+        tt = time.perf_counter()
+        if cfg.tissue_mask and self.src.array.shape[2] == 3 \
+                and self.appearance.modality == "brightfield":
+            self.tissue = find_tissue(self.look.view, self.look.step, self.appearance)
+        self.timings["tissue"] = time.perf_counter() - tt
+
+    # --- plan
+    def plan(self) -> None:
+        """Tiles, the lock, the fingerprint check, and which tiles are left to detect."""
+        cfg = self.cfg
+        self.tiles = plan_tiles(self.src.shape, cfg.tile, cfg.halo)
+        check_shape(self.root, cfg.name, self.src.shape)
         try:
-            return create_labels(root, name, src.shape, tile, zarr_format=fmt,
+            self.folder.lock()
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
+            raise _unwritable(self.root, err) from None
+        try:
+            self._check_previous()
+        except BaseException:
+            self.folder.unlock()
+            raise
+        done = self.folder.finished(self.tiles)
+        todo = [tl for tl in self.tiles if tl.index not in done]
+        if self.tissue is not None:
+            self.skipped = [tl for tl in todo if not self.tissue.covers(tl.window)]
+            if self.skipped:
+                todo = [tl for tl in todo if self.tissue.covers(tl.window)]
+                log.info("tissue: %.0f%% of the slide (optical density > %.3f); %d of %d tiles "
+                         "hold none and are recorded as empty", 100 * self.tissue.fraction,
+                         self.tissue.threshold, len(self.skipped), len(self.tiles))
+        self.todo = todo
+        self.corrupt = list(read_json(self.folder.dir / "corrupt.json") or [])
+
+    def _check_previous(self) -> None:
+        fp = fingerprint(self.src, self.look, self.model, self.cfg, self.scale, self.batch)
+        self.fp = fp
+        previous = self.folder.previous()
+        has_records = any(self.folder.tiles_dir.glob("*.npz"))
+        if self.cfg.overwrite or (previous is None and has_records):
+            self.folder.reset()  # records without a readable fingerprint are not trusted
+        elif previous is not None and previous.get("fingerprint") != fp:
+            diff = differences(previous.get("fingerprint") or {}, fp)
+            what = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+            raise OutputConflict(
+                f"{self.group_dir} holds labels of another run ({what or 'an older cellmask'}): "
+                "pass --overwrite (overwrite=True) to replace them, or another --name or --out")
+        elif previous is not None and previous.get("state") == "done":
+            level0 = self._level0()
+            edited = self.folder.edited_tiles(level0, self.tiles) if level0 is not None else []
+            if edited:
+                y0, y1, x0, x1 = edited[0].core
+                raise OutputConflict(
+                    f"{len(edited)} tile(s) of {self.group_dir} were edited after cellmask "
+                    f"wrote them (first: y {y0}:{y1}, x {x0}:{x1}): pass --overwrite "
+                    "(overwrite=True) to replace your edits, or another --name")
+        self.folder.save_state(fp, "tiles")
+
+    def _level0(self):
+        import zarr
+
+        try:
+            return zarr.open_array(str(self.group_dir / DATASETS[0]), mode="r")
+        except Exception:  # no labels yet
+            return None
+
+    def _create_output(self):
+        src = self.src
+        in_place = src.kind == "ome-zarr" and not self.output_given
+        try:
+            return create_labels(self.root, self.cfg.name, src.shape, self.cfg.tile,
+                                 zarr_format=src.zarr_format if in_place else 3,
                                  pixel_size=src.pixel_size, unit=src.pixel_unit,
-                                 source="../../" if (src.kind == "ome-zarr" and output is None)
+                                 source="../../" if in_place
                                  else (str(src.path) if src.path else None))
         except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
-            raise _unwritable(root, err) from None
+            raise _unwritable(self.root, err) from None
 
-    local = client is None and bool(groups)
-    with _Reader(src, skip_corrupt, ahead=n_workers + 2 if local else 0) as reader, \
-            (ModelThreads(model, n_workers) if local else nullcontext()) as pool:
-        # the first windows are read, and the tile workers' network copies made, while the
-        # intensity range is taken
-        reader.start(groups)
-        if pool is not None:
-            pool.start()
-        if appearance is None:
-            appearance = estimate_appearance(src, model.config.norm_percentiles, modality,
-                                             skip_corrupt=skip_corrupt)[0]
-        check_shape(root, name, src.shape)
-        try:
-            (run_dir / "tiles").mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise _unwritable(root, err) from None
-        lock = _lock(run_dir)
-        group = None  # the label arrays are created while the first tiles are in the network
-        try:
-            fp = _fingerprint(src, model, tile, halo, scale, appearance)
-            fp["tissue_mask"] = bool(tissue_mask)
-            previous = read_json(run_dir / "run.json")
-            if previous is not None and previous.get("fingerprint") != fp:
-                raise FileExistsError(f"{group_dir} holds labels of a different run (other model, "
-                                      "image or settings): delete it or pass another name/output")
-            write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "tiles"})
-            empty = InstanceSet.empty().to_arrays()
-            for tl in skipped:  # no tissue: an ordinary, empty tile record
-                save_npz_atomic(_record_path(run_dir, tl), empty)
-            done = len(tiles) - len(todo)
-            objects = 0
-            t0 = time.perf_counter()
-            px = 0
-            wait_read = t_model = t_record = 0.0
-            split: dict[str, float] = {"prepare": 0.0, "network": 0.0, "masks": 0.0}
-            corrupt: list[str] = list((read_json(run_dir / "corrupt.json") or []))
-            if client is not None:
-                from cellmask.distributed import run_tiles
+    # --- detect
+    def detect(self) -> Iterator[Progress]:
+        cfg, folder = self.cfg, self.folder
+        empty = InstanceSet.empty().to_arrays()
+        for tl in self.skipped:  # no tissue: an ordinary, empty tile record
+            save_npz_atomic(folder.record_path(tl), empty)
+        groups = [self.todo[k:k + self.batch] for k in range(0, len(self.todo), self.batch)]
+        n_workers = max(1, int(cfg.workers or self.model.default_workers()))
+        limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
+        self.group = self._create_output()
+        self.timings["setup"] = time.perf_counter() - self.t_start
+        t0 = time.perf_counter()
+        done, objects, px = len(self.tiles) - len(self.todo), 0, 0
+        split: dict[str, float] = {"prepare": 0.0, "network": 0.0, "masks": 0.0}
+        wait_read = t_model = t_record = 0.0
 
-                group = create_output()
-                for n_found, tl in run_tiles(client, model, src, todo, appearance, scale,
-                                                 run_dir):
-                    done += 1
-                    objects += n_found
-                    px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                    yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                                   time.perf_counter() - t0)
-            else:
-                timer = _TileTimer(split)
+        def progress(tl: Tile, found: int) -> Progress:
+            nonlocal done, objects, px
+            done += 1
+            objects += found
+            px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
+            return Progress("tiles", done, len(self.tiles), objects, px / 1e6,
+                            time.perf_counter() - t0)
+
+        if self.client is not None and groups:
+            from cellmask.distributed import run_tiles
+
+            for n_found, tl, bad in run_tiles(self.client, self.model, self.src, self.todo,
+                                              self.appearance, self.scale, folder,
+                                              cfg.skip_corrupt):
+                self._note_corrupt(bad)
+                yield progress(tl, n_found)
+        elif groups:
+            from cellmask.workers import ModelThreads
+
+            timer = TileTimer(split)
+            with WindowReader(self.src, cfg.skip_corrupt, ahead=n_workers + 2) as reader, \
+                    ModelThreads(self.model, n_workers) as pool:
+                reader.start(groups)
                 # reading runs ahead of the network; up to ``n_workers`` batches are in the
                 # network at once (tiles are independent; records are per tile)
                 running: deque = deque()
@@ -507,17 +389,11 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                     read_out = reader.take()
                     wait_read += time.perf_counter() - tw
                     for _, bad in read_out:
-                        for name_ in bad:
-                            if name_ not in corrupt:
-                                corrupt.append(name_)
-                                log.warning("skipping corrupt %s: its pixels read as 0", name_)
-                                write_json_atomic(run_dir / "corrupt.json", corrupt)
+                        self._note_corrupt(bad)
                     running.append((batch_tiles, pool.submit(
-                        timer.detect, detector, src, batch_tiles, [w for w, _ in read_out],
-                        appearance, scale)))
+                        timer.detect, self.detector, self.src, batch_tiles,
+                        [w for w, _ in read_out], self.appearance, self.scale)))
                     del read_out
-                    if group is None and (k + 1 == n_workers or k == len(groups) - 1):
-                        group = create_output()  # this thread is idle until a tile is done
                     # one batch more than workers in flight: a worker that finishes finds
                     # its next batch queued while this thread saves the finished one
                     while running and (len(running) > n_workers or k == len(groups) - 1):
@@ -528,123 +404,93 @@ def run(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
                             trim()  # returning freed heap costs ~40 ms a call
                         for tl, inst in zip(tiles_done, found):
                             t_w = time.perf_counter()
-                            save_npz_atomic(_record_path(run_dir, tl), inst.to_arrays())
+                            save_npz_atomic(folder.record_path(tl), inst.to_arrays())
                             t_record += time.perf_counter() - t_w
-                            done += 1
-                            objects += len(inst)
-                            px += (tl.core[1] - tl.core[0]) * (tl.core[3] - tl.core[2])
-                            yield Progress("tiles", done, len(tiles), objects, px / 1e6,
-                                           time.perf_counter() - t0)
-                t_model = timer.seconds
-                split["network_wall"] = timer.network_wall()
-            if group is None:  # nothing was left to detect
-                group = create_output()
-            t_tiles = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            parts = [InstanceSet.from_arrays(np.load(_record_path(run_dir, tl))) for tl in tiles]
-            c = model.config
-            kept = resolve(InstanceSet.concatenate(parts),
-                           min_visible_fraction=c.min_visible_fraction, min_area=c.min_area)
-            _check_halo(kept, halo, scale)
-            index = SpatialIndex(kept, tile)
-            level0 = group["0"]
-            whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
+                            yield progress(tl, len(inst))
+            t_model = timer.seconds
+            split["network_wall"] = timer.network_wall()
+        self.timings.update({"tiles": time.perf_counter() - t0, "model": t_model, **split,
+                             "read_wait": wait_read, "records": t_record})
 
-            holes = _corrupt_boxes(corrupt)
+    def _note_corrupt(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.corrupt:
+                self.corrupt.append(name)
+                log.warning("skipping corrupt %s: its pixels read as 0", name)
+                write_json_atomic(self.folder.dir / "corrupt.json", self.corrupt)
 
-            def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
-                labels = paint_region(kept, index, tl.core)
-                for hy0, hy1, hx0, hx1 in holes:  # unreadable input stays empty in the labels
-                    y0, y1, x0, x1 = tl.core
-                    labels[max(hy0, y0) - y0:max(0, min(hy1, y1) - y0),
-                           max(hx0, x0) - x0:max(0, min(hx1, x1) - x0)] = 0
-                if whole_chunks:
-                    write_levels(group, tl.core, labels)
-                else:
-                    y0, y1, x0, x1 = tl.core
-                    level0[y0:y1, x0:x1] = labels
+    # --- resolve and paint
+    def resolve_and_paint(self) -> Iterator[Progress]:
+        t1 = time.perf_counter()
+        folder, group, tile = self.folder, self.group, self.cfg.tile
+        self.folder.save_state(self.fp, "paint")
+        parts = [InstanceSet.from_arrays(np.load(folder.record_path(tl))) for tl in self.tiles]
+        c = self.model.config
+        kept = resolve(InstanceSet.concatenate(parts),
+                       min_visible_fraction=c.min_visible_fraction, min_area=c.min_area)
+        self.kept = kept
+        _check_halo(kept, self.cfg.halo, self.scale)
+        index = SpatialIndex(kept, tile)
+        level0 = group["0"]
+        whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
+        holes = corrupt_boxes(self.corrupt)
+        digests: dict[str, str] = {}
 
-            # the cores are otherwise idle here; encoding chunks releases the GIL
-            with ThreadPoolExecutor(_output_threads()) as painters:
-                for k, _ in enumerate(painters.map(paint, tiles)):
-                    yield Progress("paint", k + 1, len(tiles), len(kept))
-                if not whole_chunks:
-                    write_pyramid(group, painters)
-            t_paint = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            table = None
-            if measure:
-                from cellmask.measure import measure_instances
+        def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
+            labels = paint_region(kept, index, tl.core)
+            y0, y1, x0, x1 = tl.core
+            for hy0, hy1, hx0, hx1 in holes:  # unreadable input stays empty in the labels
+                labels[max(hy0, y0) - y0:max(0, min(hy1, y1) - y0),
+                       max(hx0, x0) - x0:max(0, min(hx1, x1) - x0)] = 0
+            digests[tile_key(tl)] = labels_digest(labels)
+            if whole_chunks:
+                write_levels(group, tl.core, labels)
+            else:
+                level0[y0:y1, x0:x1] = labels
 
-                table = measure_instances(kept, src, tile,
-                                          read=lambda r: read_window(src, r, skip_corrupt)[0])
-                table.to_parquet(group_dir / "measurements.parquet", index=False)
-                table.to_csv(group_dir / "measurements.csv", index=False)
-            t_measure = time.perf_counter() - t2
-            write_json_atomic(run_dir / "corrupt.json", corrupt)
-            # how the labels were made, where every reader of them sees it
-            record = run_record(model, appearance, scale, src, corrupt)
-            if tissue is not None:
-                record["tissue"] = {"fraction": round(tissue.fraction, 4),
-                                    "od_threshold": tissue.threshold,
-                                    "tiles_without_tissue": len(skipped)}
-            group.attrs["cellmask"] = record
-            write_json_atomic(run_dir / "run.json", {"fingerprint": fp, "state": "done",
-                                                     "objects": len(kept)})
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                finished = len(list((run_dir / "tiles").glob("*_*.npz")))
-                raise OSError(err.errno, f"the disk holding {root} is full ({err.strerror}); "
-                              f"{finished} tile results are saved: free some space and run the "
-                              "same command again to continue") from None
-            raise
-        finally:
-            lock.unlink(missing_ok=True)
+        # the cores are otherwise idle here; encoding chunks releases the GIL
+        with ThreadPoolExecutor(_output_threads()) as painters:
+            for k, _ in enumerate(painters.map(paint, self.tiles)):
+                yield Progress("paint", k + 1, len(self.tiles), len(kept))
+            if not whole_chunks:
+                write_pyramid(group, painters)
+        folder.save_painted(digests)
+        self.timings["stitch_paint"] = time.perf_counter() - t1
+
+    # --- measure
+    def measure(self) -> None:
+        t2 = time.perf_counter()
+        if self.cfg.measure:
+            from cellmask.measure import measure_instances
+
+            src, skip = self.src, self.cfg.skip_corrupt
+            table = measure_instances(self.kept, src, self.cfg.tile,
+                                      read=lambda r: read_window(src, r, skip)[0])
+            write_atomic(self.group_dir / "measurements.parquet",
+                         lambda fh: table.to_parquet(fh, index=False))
+            write_atomic(self.group_dir / "measurements.csv",
+                         lambda fh: fh.write(table.to_csv(index=False).encode()))
+            self.table = table
+        self.timings["measure"] = time.perf_counter() - t2
+
+    def finish(self) -> None:
+        """Record how the labels were made, make every written chunk durable, mark done."""
+        write_json_atomic(self.folder.dir / "corrupt.json", self.corrupt)
+        record = run_record(self.model, self.appearance, self.scale, self.src, self.corrupt)
+        if self.tissue is not None:
+            record["tissue"] = {"fraction": round(self.tissue.fraction, 4),
+                                "od_threshold": self.tissue.threshold,
+                                "tiles_without_tissue": len(self.skipped)}
+        self.group.attrs["cellmask"] = record
+        fsync_tree(self.group_dir)
+        self.folder.save_state(self.fp, "done", objects=len(self.kept))
+        self.timings["total"] = time.perf_counter() - self.t_start
+
+    def result(self) -> SegmentationResult:
         import dask.array as da
 
-        timings = {"setup": t0 - t_start, "tissue": t_tissue, "tiles": t_tiles,
-                   "model": t_model, **split,
-                   "read_wait": wait_read, "records": t_record, "stitch_paint": t_paint,
-                   "measure": t_measure, "total": time.perf_counter() - t_start}
-        yield Progress("done", len(tiles), len(tiles), len(kept), seconds=timings["total"])
-        yield SegmentationResult(group_dir, da.from_zarr(labels_level0(group_dir)), table,
-                                 len(kept), timings, corrupt)
-
-
-class _Reader:
-    """Reads tile windows in a background thread, ``ahead`` batches in front of the consumer;
-    started before the run's setup, so that the network's first inputs are ready."""
-
-    def __init__(self, src: ImageSource, skip_corrupt: bool, ahead: int):
-        self.src, self.skip_corrupt, self.ahead = src, skip_corrupt, ahead
-        self.pool = ThreadPoolExecutor(1) if ahead else None
-        self.queue: deque = deque()
-        self.groups: list[list[Tile]] = []
-        self.next = 0
-
-    def __enter__(self) -> "_Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _read(self, tiles: list[Tile]):
-        return [read_window(self.src, tl.window, self.skip_corrupt) for tl in tiles]
-
-    def start(self, groups: list[list[Tile]]) -> None:
-        self.groups = groups
-        while self.pool is not None and self.next < min(len(groups), self.ahead):
-            self.queue.append(self.pool.submit(self._read, groups[self.next]))
-            self.next += 1
-
-    def take(self):
-        """``[(window, corrupt chunks), ...]`` of the next batch, in order."""
-        out = self.queue.popleft().result()
-        if self.next < len(self.groups):
-            self.queue.append(self.pool.submit(self._read, self.groups[self.next]))
-            self.next += 1
-        return out
+        return SegmentationResult(self.group_dir, da.from_zarr(labels_level0(self.group_dir)),
+                                  self.table, len(self.kept), dict(self.timings), self.corrupt)
 
 
 def _unwritable(root: Path, err: OSError) -> InputError:

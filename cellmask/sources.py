@@ -77,6 +77,55 @@ _UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u00b5m": 1.0,
                 "Å": 1e-4, "picometer": 1e-6, "pm": 1e-6}
 
 
+#: Limits on what an input may claim before anything is allocated for it: metadata is
+#: untrusted (a 658-byte Zarr can claim 2^31 x 2^31 pixels), and opening costs memory per chunk.
+#: The largest whole-slide images are about 2 x 10^10 pixels in 10^5 to 10^6 chunks.
+MAX_PIXELS = 2 ** 38
+MAX_CHUNKS = 2 ** 24
+MAX_CHUNK_BYTES = 2 ** 31
+MAX_DIMS = 6
+
+
+def check_claimed(shape, chunks, dtype, where: str) -> None:
+    """Refuse, before any allocation, an array whose stated size, chunk count or chunk size
+    is beyond what any image needs (see :data:`MAX_PIXELS`)."""
+    try:
+        shape = tuple(int(v) for v in shape)
+        chunks = tuple(int(v) for v in chunks)
+        itemsize = np.dtype(dtype).itemsize
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where} has unreadable array metadata ({err})") from None
+    if not 1 <= len(shape) <= MAX_DIMS or len(chunks) != len(shape):
+        raise InputError(f"{where} claims {len(shape)} dimensions with {len(chunks)} chunk "
+                         f"sides: not an image cellmask can read")
+    if min(shape) < 0 or (shape and min(chunks) < 1):
+        raise InputError(f"{where} claims shape {shape} with chunks {chunks}: negative sizes "
+                         "or empty chunks")
+    total = int(np.prod([max(v, 1) for v in shape], dtype=object))
+    if total > MAX_PIXELS * 3 * 16:
+        raise InputError(f"{where} claims {total:.3g} values (shape {shape}), beyond any image "
+                         f"(limit {MAX_PIXELS:.3g} pixels): its metadata is wrong or damaged")
+    n_chunks = int(np.prod([-(-max(v, 1) // c) for v, c in zip(shape, chunks)], dtype=object))
+    if n_chunks > MAX_CHUNKS:
+        raise InputError(f"{where} claims {n_chunks:.3g} chunks (shape {shape}, chunks "
+                         f"{chunks}); cellmask reads at most {MAX_CHUNKS:.3g}: re-save it with "
+                         "larger chunks (e.g. 1024 x 1024)")
+    chunk_bytes = int(np.prod([min(c, max(v, 1)) for v, c in zip(shape, chunks)],
+                              dtype=object)) * itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise InputError(f"{where} has chunks of {chunk_bytes / 2 ** 30:.1f} GiB (chunks "
+                         f"{chunks}): every read would decode one whole; re-save it tiled "
+                         "(e.g. 1024 x 1024 chunks)")
+
+
+def _from_zarr(node, where: str):
+    """A dask array over a zarr array, after :func:`check_claimed`."""
+    import dask.array as da
+
+    check_claimed(node.shape, node.chunks, node.dtype, where)
+    return da.from_zarr(node)
+
+
 def _reduce_axes(arr, axes: str, *, channel: int | None, z: int | None, t: int | None):
     """Select t/z/channel of a dask array with named ``axes`` and return it as ``(Y, X, C)``."""
     import dask.array as da
@@ -90,6 +139,10 @@ def _reduce_axes(arr, axes: str, *, channel: int | None, z: int | None, t: int |
         raise InputError(f"axes {axes!r} must contain Y and X and only T, C, Z, Y, X, S")
     arr = da.asarray(arr)
     picks = {"T": t, "Z": z}
+    for ax, value in picks.items():
+        if value is not None and ax not in axes:
+            raise InputError(f"{ax.lower()}={value} was given but the image has no {ax} axis "
+                             f"(axes {axes}): leave out --{ax.lower()}")
     index: list[Any] = []
     for ax, size in zip(axes, arr.shape):
         if ax in picks:
@@ -237,7 +290,8 @@ def open_image(source: Any, *, axes: str | None = None, channel: int | None = No
     import zarr
 
     if isinstance(source, zarr.Array):
-        red = _reduce_axes(da.from_zarr(source), axes or _default_axes(source.shape),
+        red = _reduce_axes(_from_zarr(source, "the zarr array"),
+                           axes or _default_axes(source.shape),
                            channel=channel, z=z, t=t)
         return ImageSource(red, (red,), kind="zarr")
     if isinstance(source, zarr.Group):
@@ -255,7 +309,6 @@ def _default_axes(shape) -> str:
 
 
 def _from_group(group, path, axes, channel, z, t) -> ImageSource:
-    import dask.array as da
 
     try:
         arrays, meta_axes, pixel, unit = _ome_levels(group)
@@ -264,8 +317,8 @@ def _from_group(group, path, axes, channel, z, t) -> ImageSource:
                          f"multiscales metadata ({err}); pass the array inside it instead") \
             from None
     axes = axes or meta_axes
-    levels = tuple(_reduce_axes(da.from_zarr(a), axes, channel=channel, z=z, t=t)
-                   for a in arrays)
+    levels = tuple(_reduce_axes(_from_zarr(a, f"{path or 'the zarr group'}/{a.basename}"), axes,
+                                channel=channel, z=z, t=t) for a in arrays)
     fmt = getattr(group.metadata, "zarr_format", 3)
     return ImageSource(levels[0], levels, kind="ome-zarr", path=path, group=path,
                        zarr_format=fmt, pixel_size=pixel, pixel_unit=unit)
@@ -287,9 +340,11 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
             levels = []
             for level in range(len(series.levels)):
                 store = series.aszarr(level=level)
-                levels.append(da.from_zarr(zarr.open(store, mode="r")))
+                levels.append(_from_zarr(zarr.open(store, mode="r"), f"{path} level {level}"))
             ser_axes = series.axes
             physical = tiff_pixel_size(tif)
+        except InputError:
+            raise
         except Exception as err:  # a parser meeting a broken file raises many types
             raise InputError(f"cannot read {path} as a TIFF ({type(err).__name__}: {err}); is "
                              "the file complete?") from None
@@ -317,7 +372,7 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
             raise InputError(f"{path} is a folder but not a Zarr store ({type(err).__name__}: "
                              f"{err})") from None
         if isinstance(node, zarr.Array):
-            red = _reduce_axes(da.from_zarr(node), axes or _default_axes(node.shape),
+            red = _reduce_axes(_from_zarr(node, str(path)), axes or _default_axes(node.shape),
                                channel=channel, z=z, t=t)
             return ImageSource(red, (red,), kind="zarr", path=path)
         return _from_group(node, path, axes, channel, z, t)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellmask.errors import InputError
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -39,11 +41,11 @@ def plan_tiles(shape: tuple[int, int], tile: int, halo: int) -> list[Tile]:
     """
     h, w = int(shape[0]), int(shape[1])
     if tile <= 0:
-        raise ValueError(f"tile size must be positive, got {tile}")
+        raise InputError(f"tile size must be positive, got {tile}")
     if halo < 0:
-        raise ValueError(f"halo must be zero or positive, got {halo}")
+        raise InputError(f"halo must be zero or positive, got {halo}")
     if h <= 0 or w <= 0:
-        raise ValueError(f"cannot tile an empty image of shape {shape}")
+        raise InputError(f"cannot tile an empty image of shape {shape}")
     tiles = []
     for i, y0 in enumerate(range(0, h, tile)):
         for j, x0 in enumerate(range(0, w, tile)):

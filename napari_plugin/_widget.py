@@ -54,11 +54,15 @@ class SegmentWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.worker = None
+        self._events = None
         self.last_result_layer = None
         self._models: dict = {}
         self._measurements = None
+        #: temporary outputs by labels path, removed when no layer shows them any more
+        self._temporary: dict[str, tempfile.TemporaryDirectory] = {}
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(lambda e: self.image.reset_choices())
+        self.viewer.layers.events.removed.connect(self._release_temporary)
         self.image.reset_choices()
 
     def _image_layers(self, widget=None):
@@ -88,9 +92,10 @@ class SegmentWidget(Container):
         lazy = layer.multiscale or not isinstance(data, np.ndarray)
         small = not lazy and data.shape[0] * data.shape[1] <= IN_MEMORY_PIXELS
         out = str(self.output.value)
-        if out in ("", "."):
-            self._tmp = tempfile.TemporaryDirectory(prefix="cellmask-")
-            out = str(Path(self._tmp.name) / f"{layer.name}.ome.zarr")
+        if out in ("", "."):  # a new folder per run: an earlier result may still be shown
+            tmp = tempfile.TemporaryDirectory(prefix="cellmask-")
+            out = str(Path(tmp.name) / "labels.ome.zarr")
+            self._temporary[str(Path(out) / "labels" / "cellmask")] = tmp
         model = self._model()
         kwargs = dict(model=model, tile=self.tile.value, halo=self.halo.value,
                       axes="YXS" if layer.rgb else "YX", modality=self.modality.value)
@@ -107,6 +112,7 @@ class SegmentWidget(Container):
                     return event
                 yield event
 
+        self._events = events
         self.worker = work()
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(lambda result: self._show(result, layer, small))
@@ -117,6 +123,14 @@ class SegmentWidget(Container):
         self.cancel_button.enabled = True
         self.status.value = f"segmenting {layer.name}..."
         self.worker.start()
+
+    def _release_temporary(self, *_) -> None:
+        """Delete temporary outputs that no layer reads any more (never one still shown)."""
+        shown = {layer.metadata.get("cellmask_path") for layer in self.viewer.layers}
+        running = self.worker is not None
+        for path in list(self._temporary):
+            if path not in shown and not running:
+                self._temporary.pop(path).cleanup()
 
     def cancel(self, *_):
         if self.worker is not None:
@@ -133,6 +147,11 @@ class SegmentWidget(Container):
         log.error("segmentation failed: %s", err)
 
     def _on_finished(self) -> None:
+        # a cancelled worker leaves the run suspended at a tile: end it now (its lock, threads
+        # and files are released) before Run can be pressed again
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self.worker = None
@@ -151,6 +170,10 @@ class SegmentWidget(Container):
             multiscale = True
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
+        if small:  # in memory now: its temporary folder is not needed
+            tmp = self._temporary.pop(str(result.path), None)
+            if tmp is not None:
+                tmp.cleanup()
         labels = self.viewer.add_labels(data, name=name, multiscale=multiscale,
                                         scale=layer.scale[-2:], translate=layer.translate[-2:],
                                         metadata={"cellmask_source": layer.name,

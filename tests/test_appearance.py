@@ -105,18 +105,19 @@ def test_stains_estimated_once_per_slide(tmp_path, shipped_model, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    import cellmask.pipeline as pipeline
+    import cellmask.engine as engine
+    import cellmask.survey as survey
 
-    monkeypatch.setattr(pipeline, "estimate", counting)
+    monkeypatch.setattr(survey, "estimate", counting)
     seen = []
-    prepare = pipeline._prepare
+    prepare = engine.prepare
 
     def spy(window, region, app, scale):
         out = prepare(window, region, app, scale)
         seen.append((region, app, out))
         return out
 
-    monkeypatch.setattr(pipeline, "_prepare", spy)
+    monkeypatch.setattr(engine, "prepare", spy)
     result = cellmask.segment_zarr(_tiled_rgb(tmp_path, image), tmp_path / "out.ome.zarr",
                                    model=shipped_model, tile=256, halo=32, progress=False,
                                    measure=False)

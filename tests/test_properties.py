@@ -132,7 +132,7 @@ def test_metrics_properties(seed, n):
 def test_readers_never_crash_on_random_bytes(tmp_path_factory, data):
     from cellmask import InputError
     from cellmask.model.weights import WeightsError, load_weights
-    from cellmask.pipeline import read_window
+    from cellmask.engine import read_window
     from cellmask.sources import open_image
 
     d = tmp_path_factory.mktemp("fuzz")
@@ -154,7 +154,7 @@ def test_truncated_files_are_refused(tmp_path, cut):
     import tifffile
 
     from cellmask import InputError
-    from cellmask.pipeline import read_window
+    from cellmask.engine import read_window
     from cellmask.sources import open_image
     from fixtures import load_fixture
 

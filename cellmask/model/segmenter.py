@@ -42,9 +42,9 @@ class Model:
         if precision == "auto":
             precision = auto_precision(self.device)
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}, not {precision!r}")
+            raise InputError(f"precision must be auto, {', '.join(PRECISIONS)}, not {precision!r}")
         if precision == "mixed" and _half_dtype(self.device) is None:
-            raise ValueError(f"precision 'mixed' needs bf16 or fp16 arithmetic, which "
+            raise InputError(f"precision 'mixed' needs bf16 or fp16 arithmetic, which "
                              f"{self.device} lacks: use fp32")
         self.precision = precision
         #: The network as trained (its state is what weights files, fingerprints and workers use).

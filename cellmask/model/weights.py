@@ -18,13 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cellmask.config import ModelConfig
+from cellmask.errors import WeightsError  # noqa: F401  (re-exported)
 
 FORMAT = "cellmask-maskrcnn"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, and torch.save's zip archive
-
-
-class WeightsError(ValueError):
-    """A weights file that cellmask refuses to load."""
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], config: ModelConfig,

@@ -28,6 +28,7 @@ import torch
 from scipy import ndimage
 
 from cellmask.appearance import concentrations, estimate
+from cellmask.errors import InputError
 from cellmask.normalize import as_channels_first, sample_pixels
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def load_samples(data_dir: str | Path, split: str | Path,
         image = tifffile.imread(data_dir / "images" / f"{name}.tif")
         labels = tifffile.imread(data_dir / "masks" / f"{name}.tif").astype(np.int32)
         if image.shape[:2] != labels.shape:
-            raise ValueError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
+            raise InputError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
         samples.append(prepare_sample(name, image, labels, percentiles, modality))
     log.info("loaded %d images from %s", len(samples), split)
     return samples
@@ -114,10 +115,19 @@ def targets_from_labels(labels: np.ndarray, min_area: int = 4) -> dict[str, torc
 def build_augment(crop: int, zoom: tuple[float, float]):
     """MONAI dictionary transforms on ``{"image": (3, H, W), "label": (1, H, W)}``."""
     from monai.data import set_track_meta
-    from monai.transforms import (Compose, RandAdjustContrastd, RandFlipd,
-                                  RandGaussianNoised, RandGaussianSmoothd, RandRotate90d,
-                                  RandScaleIntensityd,
-                                  RandShiftIntensityd, RandSpatialCropd, RandZoomd, SpatialPadd)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropd,
+        RandZoomd,
+        SpatialPadd,
+    )
 
     set_track_meta(False)  # plain tensors: faster, and nothing downstream reads the metadata
     keys = ("image", "label")
@@ -152,7 +162,7 @@ class CropSampler:
     def __init__(self, samples: list[Sample], crop: int, zoom: tuple[float, float], seed: int,
                  weights: list[float] | None = None):
         if not samples:
-            raise ValueError("no training images: check the split list")
+            raise InputError("no training images: check the split list")
         self.samples = samples
         self.crop = crop
         self.seed = seed
@@ -160,7 +170,7 @@ class CropSampler:
         if weights is not None:
             w = np.asarray(weights, np.float64)
             if w.shape != (len(samples),) or (w < 0).any() or w.sum() <= 0:
-                raise ValueError("sample weights must be one non-negative number per sample")
+                raise InputError("sample weights must be one non-negative number per sample")
             self.weights = w / w.sum()
         else:
             self.weights = None

@@ -22,6 +22,7 @@ import torch
 
 from cellmask.config import ModelConfig, TrainConfig
 from cellmask.device import pick_device
+from cellmask.errors import InputError
 from cellmask.model.network import build_network
 from cellmask.model.registry import CARD_KEYS
 from cellmask.model.weights import check_state, load_weights, save_weights
@@ -67,7 +68,7 @@ def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch
     names = [n for n, _ in net.named_parameters()]
     for prefix in prefixes:
         if not any(n.startswith(prefix) for n in names):
-            raise ValueError(f"no parameter of the network is named {prefix}...: parameter "
+            raise InputError(f"no parameter of the network is named {prefix}...: parameter "
                              f"names start with {sorted({n.split('.')[0] for n in names})}")
     trainable = []
     for name, p in net.named_parameters():
@@ -90,7 +91,7 @@ def training_samples(cfg: TrainConfig, percentiles: tuple[float, float]
         return samples, None
     rest = 1.0 - sum(float(share) for _, _, share in cfg.more_data)
     if rest <= 0 or any(float(share) <= 0 for _, _, share in cfg.more_data):
-        raise ValueError("the shares of the extra data sets must be positive and sum to less "
+        raise InputError("the shares of the extra data sets must be positive and sum to less "
                          "than 1 (the main set has the rest)")
     weights = [rest / len(samples)] * len(samples)
     for data, split, share in cfg.more_data:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from cellmask.errors import InputError
 from cellmask.evaluate import iter_split
 from cellmask.metrics import Evaluation
 from cellmask.model.paint import Instances, paint
@@ -54,7 +55,7 @@ def tune_thresholds(model, data_dir: str | Path, split: str | Path,
                     rounds: int = 2) -> tuple[dict[str, float], float]:
     """Best thresholds on ``split`` and the objective they reach."""
     if "test" in Path(str(split)).name:
-        raise ValueError(f"refusing to tune thresholds on a test split ({split}): use val")
+        raise InputError(f"refusing to tune thresholds on a test split ({split}): use val")
     permissive = model.with_config(score_thresh=min(GRID["score_thresh"]),
                                    nms_thresh=max(GRID["nms_thresh"]))
     raws = []

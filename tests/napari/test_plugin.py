@@ -68,19 +68,44 @@ def test_segment_sample_gives_the_nuclei(segment_widget, qtbot):
     assert dock.selected_labels() == [dock._row_label(7)]
 
 
-def test_cancel_leaves_no_half_layer(segment_widget, qtbot):
+def test_cancel_leaves_no_half_layer_and_frees_the_output(segment_widget, qtbot, tmp_path):
     from napari_plugin._sample_data import nuclei_mosaic
 
     viewer, widget = segment_widget
     (mosaic, meta, _), = nuclei_mosaic(2048)
     widget.image.value = viewer.add_image(mosaic, **meta)
     widget.tile.value = 256
+    widget.output.value = tmp_path / "m.ome.zarr"
     widget.run()
     qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=60_000)
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
     assert widget.status.value == "cancelled"
     assert [layer.name for layer in viewer.layers] == ["nuclei mosaic"]
+    widget.run()  # the same output again: the cancelled run has released it
+    qtbot.waitUntil(lambda: widget.last_result_layer is not None, timeout=120_000)
+    assert int(np.asarray(widget.last_result_layer.data).max()) > 100
+
+
+def test_a_second_run_keeps_the_first_result_readable(segment_widget, qtbot):
+    from napari_plugin._sample_data import nuclei_mosaic
+
+    viewer, widget = segment_widget
+    (mosaic, _, _), = nuclei_mosaic(1024)
+    shown = []
+    for name in ("first", "second"):  # dask layers: results stay on disk, in temporary folders
+        widget.image.value = viewer.add_image(da.from_array(mosaic, chunks=512), name=name)
+        widget.last_result_layer = None
+        widget.run()
+        qtbot.waitUntil(lambda: widget.last_result_layer is not None, timeout=120_000)
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+        shown.append(widget.last_result_layer)
+    first = np.asarray(shown[0].data[0])
+    assert first.max() > 50 and np.array_equal(first, np.asarray(shown[1].data[0]))
+    path = shown[0].metadata["cellmask_path"]
+    viewer.layers.remove(shown[0])  # no layer shows it now: its temporary folder goes
+    assert not __import__("os").path.exists(path)
+    assert np.asarray(shown[1].data[0]).max() > 50
 
 
 def test_multiscale_dask_path_stays_lazy(segment_widget, qtbot, tmp_path):
