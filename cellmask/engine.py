@@ -131,6 +131,66 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], appearance: Appeara
     return out
 
 
+def tile_workers(model, tiles: int, batch_size: int, requested: int | None = None) -> int:
+    """Tile batches in the network at once for an image of ``tiles`` tiles: the requested
+    number (default :meth:`Model.default_workers`), at most one per batch. It depends on the
+    image's whole plan, never on how many tiles are left, because it sets the torch threads
+    of each batch, and so the rounding: a resumed run computes what the first one did."""
+    batches = -(-tiles // max(1, batch_size))
+    return max(1, min(batches, int(requested or model.default_workers())))
+
+
+def detect_all(model, src: ImageSource, tiles: list[Tile], appearance: Appearance,
+               scale: float, batch_size: int = 1, workers: int | None = None
+               ) -> list[InstanceSet]:
+    """:func:`detect_tiles` over every tile, ``batch_size`` tiles per network pass and
+    :func:`tile_workers` passes at once (:class:`~cellmask.workers.ModelThreads`); in tile
+    order."""
+    batches = [tiles[k:k + batch_size] for k in range(0, len(tiles), max(1, batch_size))]
+    workers = tile_workers(model, len(tiles), batch_size, workers)
+    if workers <= 1:
+        return [inst for b in batches for inst in detect_tiles(model, src, b, appearance, scale)]
+    from cellmask.workers import ModelThreads
+
+    with ModelThreads(model, workers) as pool:
+        futures = [pool.submit(lambda m, b: detect_tiles(m, src, b, appearance, scale), b)
+                   for b in batches]
+        return [inst for f in futures for inst in f.result()]
+
+
+def segment_array(model, image: np.ndarray, *, scale: float | None = None,
+                  diameter: float | None = None, pixel_size: float | None = None,
+                  modality: str = "auto", tile: int = 1024, halo: int = 64,
+                  batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
+    """Labels ``(H, W)`` int32 of an in-memory image, through the same stages and arithmetic
+    as a whole-slide run (:func:`cellmask.pipeline.run`) without its files: the appearance of
+    the same strided sample, the same tiles (cores of ``tile``, ``halo`` of context, level-0
+    pixels), the same detection and the same resolution and painting. So a ``Model.segment``
+    and a ``segment_zarr`` of one image give the same labels."""
+    from cellmask.model.segmenter import resolve_scale
+    from cellmask.normalize import as_channels_first
+    from cellmask.sources import open_image
+    from cellmask.stitch import SpatialIndex, paint_region, resolve
+    from cellmask.survey import survey_image
+    from cellmask.tiling import plan_tiles
+
+    chw = as_channels_first(image)  # every check of the input, with its clear message
+    src = open_image(np.moveaxis(chw, 0, -1))
+    scale = resolve_scale(model, scale, diameter, pixel_size)
+    appearance = survey_image(src, model.config.norm_percentiles, modality).appearance
+    tile = max(32, int(tile))
+    if tile < 2 * halo:
+        raise InputError(f"tile {tile} is smaller than twice the halo {halo}")
+    tiles = plan_tiles(src.shape, tile, halo)
+    found = detect_all(model, src, tiles, appearance, scale,
+                       batch_size or model.default_batch_size(), workers)
+    c = model.config
+    kept = resolve(InstanceSet.concatenate(found), min_visible_fraction=c.min_visible_fraction,
+                   min_area=c.min_area)
+    h, w = src.shape
+    return paint_region(kept, SpatialIndex(kept, tile), (0, h, 0, w))
+
+
 class TileTimer:
     """What the tile workers spent: worker-seconds per step, and the network's intervals."""
 

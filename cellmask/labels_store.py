@@ -34,13 +34,6 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
 
     root_group = zarr.open_group(str(root), mode="a", zarr_format=zarr_format)
     labels = root_group.require_group("labels")
-    names = list(labels.attrs.asdict().get("ome", labels.attrs.asdict()).get("labels", []))
-    if name not in names:
-        names.append(name)
-    if zarr_format == 3:
-        labels.attrs["ome"] = {"version": "0.5", "labels": names}
-    else:
-        labels.attrs["labels"] = names
     group = labels.require_group(name)
     shapes = [shape]
     for _ in DATASETS[1:]:
@@ -50,10 +43,12 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
             if tuple(group[path].shape) != tuple(shp):
                 raise _other_shape(root, name, tuple(group[path].shape))
             continue
+        extra = {"dimension_names": ("y", "x")} if zarr_format == 3 else {}
         group.create_array(path, shape=shp, chunks=_level_chunks(chunk, level, shp),
-                           dtype="int32", fill_value=0)
-    _write_metadata(group, zarr_format, pixel_size, source, unit)
-    return group
+                           dtype="int32", fill_value=0, **extra)
+    _write_metadata(root, name, zarr_format, pixel_size, source, unit)
+    # opened again: a zarr group object caches its attributes, the writers used their own
+    return zarr.open_group(str(Path(root) / "labels" / name), mode="a", zarr_format=zarr_format)
 
 
 def check_shape(root: Path, name: str, shape: tuple[int, int]) -> None:
@@ -87,7 +82,18 @@ _NGFF_UNITS = {"\u00b5m": "micrometer", "um": "micrometer", "micron": "micromete
                "nm": "nanometer", "mm": "millimeter"}
 
 
-def _write_metadata(group, zarr_format: int, pixel_size, source, unit=None) -> None:
+def _write_metadata(root: Path, name: str, zarr_format: int, pixel_size, source,
+                    unit=None) -> None:
+    """NGFF multiscales + image-label metadata of ``labels/<name>`` and the ``labels`` list,
+    through ome-zarr-py's writers (0.5 on zarr v3, 0.4 on zarr v2)."""
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    def open_(path: str):
+        return zarr.open_group(str(Path(root) / path), mode="a", zarr_format=zarr_format)
+
+    fmt = FormatV05() if zarr_format == 3 else FormatV04()
     sy, sx = pixel_size or (1.0, 1.0)
     datasets = [{"path": p, "coordinateTransformations": [
         {"type": "scale", "scale": [sy * 2 ** i, sx * 2 ** i]}]} for i, p in enumerate(DATASETS)]
@@ -95,19 +101,24 @@ def _write_metadata(group, zarr_format: int, pixel_size, source, unit=None) -> N
     if unit and pixel_size:
         for axis in axes:
             axis["unit"] = _NGFF_UNITS.get(unit, unit)
-    multiscales = [{"axes": axes, "datasets": datasets, "name": group.basename,
-                    "type": "nearest"}]
-    image_label = {"colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}
-    if source:
-        image_label["source"] = {"image": source}
+    write_multiscales_metadata(open_(f"labels/{name}"), datasets, fmt=fmt, axes=axes,
+                               name=name, metadata={"method": "nearest"})
+    listed = list(_ome(open_("labels")).get("labels", []))
+    extra = {"source": {"image": source}} if source else {}
+    write_label_metadata(open_("labels"), name,
+                         colors=[{"label-value": 0, "rgba": [0, 0, 0, 0]}], fmt=fmt, **extra)
+    # the writer appends the name each time: keep each name once, in its first place
+    names = [n for k, n in enumerate(listed + [name]) if n not in (listed + [name])[:k]]
+    labels = open_("labels")
     if zarr_format == 3:
-        image_label_v = dict(image_label)
-        group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales,
-                              "image-label": image_label_v}
+        labels.attrs["ome"] = {**_ome(labels), "version": fmt.version, "labels": names}
     else:
-        multiscales[0]["version"] = "0.4"
-        image_label["version"] = "0.4"
-        group.attrs.update({"multiscales": multiscales, "image-label": image_label})
+        labels.attrs["labels"] = names
+
+
+def _ome(group) -> dict:
+    attrs = group.attrs.asdict()
+    return dict(attrs.get("ome", attrs))
 
 
 def tile_pyramid(group, tile: int) -> bool:

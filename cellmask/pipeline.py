@@ -31,7 +31,7 @@ import numpy as np
 
 from cellmask.appearance import Appearance
 from cellmask.config import RunConfig
-from cellmask.engine import TileTimer, WindowReader, read_window
+from cellmask.engine import TileTimer, WindowReader, read_window, tile_workers
 from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F401
 from cellmask.labels_store import (DATASETS, check_shape, create_labels, fsync_tree,
                                    labels_level0, read_json, save_npz_atomic, tile_pyramid,
@@ -348,7 +348,7 @@ class _Stages:
         for tl in self.skipped:  # no tissue: an ordinary, empty tile record
             save_npz_atomic(folder.record_path(tl), empty)
         groups = [self.todo[k:k + self.batch] for k in range(0, len(self.todo), self.batch)]
-        n_workers = max(1, int(cfg.workers or self.model.default_workers()))
+        n_workers = tile_workers(self.model, len(self.tiles), self.batch, cfg.workers)
         limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
         self.group = self._create_output()
         self.timings["setup"] = time.perf_counter() - self.t_start

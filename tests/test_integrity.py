@@ -1,7 +1,6 @@
 """Every output belongs to its input: identity, ownership, durability, clear refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -166,3 +166,28 @@ def test_truncated_files_are_refused(tmp_path, cut):
     with pytest.raises(InputError):
         src = open_image(p)
         read_window(src, (0, src.shape[0], 0, src.shape[1]))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_in_memory_segment_equals_segment_zarr(shipped_model, tmp_path_factory, data):
+    """One tile engine: ``Model.segment`` and ``segment_zarr`` give the same labels for random
+    crops of real nuclei, sizes, scales, tiles and halos."""
+    import cellmask
+    from fixtures import load_fixture
+
+    name = data.draw(st.sampled_from(["fluo_e23e11414ee6", "histo_0e4c2e2780de"]))
+    image, _ = load_fixture(name)
+    h = data.draw(st.integers(40, image.shape[0]))
+    w = data.draw(st.integers(40, image.shape[1]))
+    y, x = data.draw(st.integers(0, image.shape[0] - h)), data.draw(st.integers(0, image.shape[1] - w))
+    crop = np.ascontiguousarray(image[y:y + h, x:x + w])
+    halo = data.draw(st.sampled_from([16, 32, 48]))
+    tile = data.draw(st.sampled_from([t for t in (64, 128, 256, 1024) if t >= 2 * halo]))
+    scale = data.draw(st.sampled_from([0.75, 1.0, 1.3]))
+    memory = shipped_model.segment(crop, scale, tile=tile, halo=halo)
+    out = tmp_path_factory.mktemp("eq") / "o.zarr"
+    whole = cellmask.segment_zarr(crop, out, model=shipped_model, tile=tile, halo=halo,
+                                  scale=scale, progress=False, measure=False)
+    assert np.array_equal(memory, np.asarray(whole.labels))

@@ -58,7 +58,6 @@ def test_grid_pool_equals_torchvision_roi_align():
 
 
 def test_lean_rpn_gives_torchvision_proposals(tiny_config):
-    import copy
 
     from torchvision.models.detection.image_list import ImageList
 
@@ -67,7 +66,7 @@ def test_lean_rpn_gives_torchvision_proposals(tiny_config):
     net = _trained_like(tiny_config)
     x = torch.rand(2, 3, 160, 192)
     images = ImageList(x, [(150, 192), (160, 170)])
-    lean = LeanRPN.adopt(copy.deepcopy(net.rpn))
+    lean = LeanRPN.from_trained(net.rpn)
     for pre, post, score in ((300, 200, 0.0), (500, 500, 0.3), (40, 1000, 0.0)):
         for rpn in (net.rpn, lean):
             rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre, post

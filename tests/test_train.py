@@ -123,3 +123,17 @@ def test_set_parses_typed_model_fields():
         parse_settings(["mask_roi_size=10"])  # architecture: not an inference setting
     with pytest.raises(InputError, match="whole number"):
         parse_settings(["mask_roi_size=10.5"], inference_only=False)
+
+
+def test_training_restores_the_process_torch_settings(dataset_dir, tiny_config, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    cfg = TrainConfig(data=str(dataset_dir), split="splits/train.txt", out=str(tmp_path / "t"),
+                      iterations=2, batch_size=1, crop=64, threads=before + 1, device="cpu")
+    train(cfg, tiny_config, progress=False)
+    assert torch.get_num_threads() == before
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched

@@ -195,9 +195,17 @@ class LeanRPN(RegionProposalNetwork):
     """
 
     @classmethod
-    def adopt(cls, rpn: RegionProposalNetwork) -> "LeanRPN":
-        rpn.__class__ = cls
-        return rpn
+    def from_trained(cls, rpn: RegionProposalNetwork, head: nn.Module | None = None
+                     ) -> "LeanRPN":
+        """A LeanRPN with the settings of a trained ``rpn`` around ``head`` (default: a copy
+        of the trained head) and a copy of its anchor generator."""
+        import copy
+
+        return cls(copy.deepcopy(rpn.anchor_generator), head or copy.deepcopy(rpn.head),
+                   rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
+                   rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction,
+                   dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh,
+                   rpn.score_thresh).eval()
 
     def forward(self, images, features, targets=None):
         if self.training:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -11,14 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cellmask.config import ModelConfig
 from cellmask.device import pick_device
-from cellmask.model.network import (LeanRPN, NHWCBoxHead, build_network, fuse_batchnorm,
-                                    set_inference_thresholds)
+from cellmask.model.network import (build_network, set_inference_thresholds)
 from cellmask.model.paint import Instances, paint
-from cellmask.model.pool import GridRoIPool
 from cellmask.model.registry import is_non_commercial, resolve
 from cellmask.model.weights import check_state, load_weights
 from cellmask.appearance import estimate
@@ -102,16 +98,12 @@ class Model:
         inputs = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         inputs = [(t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
                   for t in inputs]
-        self.runner.roi_heads.keep_cores = cores
-        try:
-            if self.precision in ("fp32", "mixed"):  # "mixed" casts inside the runner
-                outs = self.runner(inputs)
-            else:
-                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-                with torch.autocast(self.device.type, dtype=dtype):
-                    outs = self.runner(inputs)
-        finally:
-            self.runner.roi_heads.keep_cores = None
+        if self.precision in ("fp32", "mixed"):  # "mixed" casts inside the runner
+            outs = self.runner(inputs, cores)
+        else:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(self.device.type, dtype=dtype):
+                outs = self.runner(inputs, cores)
         return [Instances(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(),
                           o["masks"][:, 0].float().cpu().numpy()) for o in outs]
 
@@ -205,22 +197,15 @@ class Model:
         ``scale``: resize factor applied before the network (0.25 for objects 4x larger than the
         training nuclei); or give ``diameter``, the typical object diameter in pixels, or
         ``pixel_size`` (um), rescaled to the model's training pixel size when it has one.
-        Returns int32 ``(H, W)`` labels, 0 = background, ids 1..N by decreasing score.
+        Returns int32 ``(H, W)`` labels, 0 = background, ids 1..N by decreasing score. The
+        stages and arithmetic are those of :func:`cellmask.segment_zarr` (one tile engine,
+        :mod:`cellmask.engine`): both give the same labels for the same image and settings.
         """
-        norm = self.network_input(image, modality)
-        scale = resolve_scale(self, scale, diameter, pixel_size)
-        shape = norm.shape[1:]
-        if scale != 1.0:
-            size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
-            norm = F.interpolate(torch.from_numpy(norm)[None], size=size, mode="bilinear",
-                                 antialias=scale < 1, align_corners=False)[0].numpy()
-        inst = self.detect(norm, tile=max(32, int(tile)), halo=halo, batch_size=batch_size,
-                           workers=workers)
-        if scale != 1.0:
-            fy, fx = shape[0] / norm.shape[1], shape[1] / norm.shape[2]
-            inst = Instances(inst.boxes * np.array([fx, fy, fx, fy], np.float32), inst.scores,
-                             inst.masks)
-        return self.paint(inst, shape)
+        from cellmask.engine import segment_array
+
+        return segment_array(self, image, scale=scale, diameter=diameter, pixel_size=pixel_size,
+                             modality=modality, tile=tile, halo=halo, batch_size=batch_size,
+                             workers=workers)
 
 
 #: Arithmetic of the network: all float32; "mixed": the trunk, the proposal head's 3x3
@@ -231,68 +216,12 @@ class Model:
 PRECISIONS = ("fp32", "mixed", "bf16", "fp16")
 
 
-class _HalfPrecision(torch.nn.Module):
-    """Runs ``inner`` under autocast to ``dtype``; tensors come out as float32."""
-
-    def __init__(self, inner: torch.nn.Module, device_type: str, dtype: torch.dtype):
-        super().__init__()
-        self.inner, self.device_type, self.dtype = inner, device_type, dtype
-
-    def forward(self, x):
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.inner(x)
-        if isinstance(out, dict):
-            return type(out)((k, v.float()) for k, v in out.items())
-        return out.float()
-
-
-def _drop_outside_cores(heads) -> None:
-    """Detections whose box centre lies more than 1 px outside ``heads.keep_cores[i]`` are
-    dropped after the box NMS, before the mask branch (their masks would be thrown away)."""
-    heads.keep_cores = None
-    postprocess = heads.postprocess_detections
-
-    def postprocess_detections(*args):
-        boxes, scores, labels = postprocess(*args)
-        cores = heads.keep_cores
-        if cores is None:
-            return boxes, scores, labels
-        for i, core in enumerate(cores):
-            if core is None:
-                continue
-            y0, y1, x0, x1 = core
-            b = boxes[i]
-            cy, cx = (b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2
-            keep = (cy >= y0 - 1) & (cy < y1 + 1) & (cx >= x0 - 1) & (cx < x1 + 1)
-            boxes[i], scores[i], labels[i] = b[keep], scores[i][keep], labels[i][keep]
-        return boxes, scores, labels
-
-    heads.postprocess_detections = postprocess_detections
-
-
 def _inference_copy(net: torch.nn.Module, device: torch.device,
                     precision: str) -> torch.nn.Module:
-    runner = fuse_batchnorm(copy.deepcopy(net).eval())
-    heads = runner.roi_heads
-    LeanRPN.adopt(runner.rpn)
-    _drop_outside_cores(heads)
-    half = _half_dtype(device) if precision == "mixed" else None
-    # RoI features are read in the type their heads compute in
-    heads.box_roi_pool = GridRoIPool.like(heads.box_roi_pool, half)
-    heads.mask_roi_pool = GridRoIPool.like(heads.mask_roi_pool, half)
-    heads.box_head = NHWCBoxHead(heads.box_head, runner.backbone.out_channels,
-                                 heads.box_roi_pool.size)
-    if device.type == "cpu":
-        runner.backbone.channels_last = True
-        runner.backbone.to(memory_format=torch.channels_last)
-        heads.mask_head.to(memory_format=torch.channels_last)
-    if half is not None:
-        runner.backbone.body = _HalfPrecision(runner.backbone.body, device.type, half)
-        runner.rpn.head.conv = _HalfPrecision(runner.rpn.head.conv, device.type, half)
-        heads.box_head = _HalfPrecision(heads.box_head, device.type, half)
-        heads.mask_head = _HalfPrecision(heads.mask_head, device.type, half)
-        heads.mask_predictor = _HalfPrecision(heads.mask_predictor, device.type, half)
-    return runner
+    from cellmask.model.inference import build_inference_network
+
+    return build_inference_network(net, device,
+                                   _half_dtype(device) if precision == "mixed" else None)
 
 
 def _half_dtype(device: torch.device) -> torch.dtype | None:

@@ -221,8 +221,20 @@ class _Steps(torch.utils.data.Dataset):
 def batches(sampler: CropSampler, start: int, end: int, size: int, workers: int = 0):
     """Iterate the batches of steps ``start..end-1``, in order, on ``workers`` processes."""
     if workers <= 0:
-        return (sampler.batch(step, size) for step in range(start, end))
+        return (_one_thread(sampler.batch, step, size) for step in range(start, end))
     return iter(torch.utils.data.DataLoader(_Steps(sampler, start, end, size), batch_size=None,
                                             shuffle=False, num_workers=workers,
                                             collate_fn=_as_is, persistent_workers=False,
                                             prefetch_factor=4))
+
+
+def _one_thread(fn, *args):
+    """``fn(*args)`` with one torch thread, as in a DataLoader worker process: augmentation
+    (MONAI's resampling) then rounds alike with and without workers. The caller's thread count
+    is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)

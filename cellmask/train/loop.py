@@ -134,7 +134,28 @@ def train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resum
     """The training loop as a generator: yields one row (step, seconds, lr, losses) per step,
     then ``{"weights": path}``. Closing it early saves a checkpoint (``--resume`` continues).
     ``samples`` (a list of :class:`~cellmask.train.data.Sample`) replaces reading ``cfg.data``.
+
+    The process-wide torch settings it changes (thread count, TF32 and cuDNN flags, the random
+    generator) are restored when it ends, however it ends: a script or the napari viewer that
+    trains keeps its own.
     """
+    threads = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    try:
+        yield from _train_steps(cfg, model_cfg, resume=resume, init=init, samples=samples,
+                                changes=changes)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
+
+
+def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
+                 resume: bool = False, init: str | None = None, samples: list | None = None,
+                 changes: dict | None = None):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
