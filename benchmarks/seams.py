@@ -28,13 +28,16 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--settings", nargs="+", default=["1024:64", "256:64", "256:96", "256:128"],
                    help="TILE:HALO pairs")
+    p.add_argument("--precision", default="auto", help="auto, fp32, mixed, bf16")
     args = p.parse_args()
     print(describe())
-    model = cellmask.load_model(device="cpu")
+    model = cellmask.load_model(device="cpu", precision=args.precision)
+    print(f"precision {model.precision}")
     for item in args.settings:
         tile, halo = (int(v) for v in item.split(":"))
         result = agreement(tile, halo, size=args.size, model=model)
-        print(f"{args.size} mosaic, tile {tile}, halo {halo}:", json.dumps(result), flush=True)
+        print(f"{args.size} mosaic, tile {tile}, halo {halo}, {model.precision}:",
+              json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

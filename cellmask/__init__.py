@@ -20,7 +20,8 @@ _LAZY = {"metrics": "cellmask.metrics", "ModelConfig": "cellmask.config",
          "list_models": "cellmask.model.registry",
          "Model": "cellmask.model.segmenter", "load_model": "cellmask.model.segmenter",
          "SegmentationResult": "cellmask.pipeline", "open_labels": "cellmask.pipeline",
-         "segment_zarr": "cellmask.pipeline", "pipeline": "cellmask.pipeline"}
+         "segment_zarr": "cellmask.pipeline", "pipeline": "cellmask.pipeline",
+         "segment_batch": "cellmask.batch", "export_geojson": "cellmask.geojson"}
 
 
 def __getattr__(name: str):
@@ -33,6 +34,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["InputError", "Model", "ModelConfig", "RunConfig", "SegmentationResult", "TrainConfig",
-           "WeightsError", "list_models", "load_model", "measure", "metrics", "open_labels",
-           "segment_zarr"]
+           "WeightsError", "export_geojson", "list_models", "load_model", "measure", "metrics",
+           "open_labels", "segment_batch", "segment_zarr"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Command line: ``cellmask train | segment | evaluate | demo`` (also ``python -m cellmask``)."""
+"""Command line: ``cellmask segment | evaluate | train | export | export-geojson | models | demo``
+(also ``python -m cellmask``)."""
 
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment an image (OME-Zarr, Zarr, TIFF/SVS, PNG, .npy)")
-    p.add_argument("input")
+    p = sub.add_parser("segment", help="segment images (OME-Zarr, Zarr, TIFF/SVS, PNG, .npy): "
+                       "one, or a batch (a folder, a quoted glob, several files)")
+    p.add_argument("input", nargs="+")
     p.add_argument("--out", help="output OME-Zarr (default: labels/cellmask inside an input "
-                   "OME-Zarr, else INPUT stem + .cellmask.ome.zarr)")
+                   "OME-Zarr, else INPUT name + .cellmask.ome.zarr); for a batch, the folder "
+                   "of the outputs and of the combined measurements table")
     p.add_argument("--model", default="nuclei", help="shipped model name or .safetensors file")
     p.add_argument("--scale", type=float, help="resize factor before the network")
     p.add_argument("--diameter", type=float,
@@ -105,12 +108,54 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_segment)
 
 
+def _is_batch(inputs: list[str]) -> bool:
+    from pathlib import Path
+
+    from cellmask.batch import _is_store
+
+    if len(inputs) > 1:
+        return True
+    path = Path(inputs[0])
+    return (path.is_dir() and not _is_store(path)) or (
+        not path.exists() and any(ch in inputs[0] for ch in "*?["))
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return dict(tile=args.tile, halo=args.halo, batch_size=args.batch_size, axes=args.axes,
+                channel=args.channel, z=args.z, t=args.t, scale=args.scale,
+                diameter=args.diameter, pixel_size=args.pixel_size, modality=args.modality,
+                tissue_mask=not args.no_tissue_mask, name=args.name,
+                skip_corrupt=args.skip_corrupt, workers=args.workers, overwrite=args.overwrite)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from cellmask.batch import segment_batch
+    from cellmask.errors import InputError
+
+    if not args.out:
+        raise InputError("a batch needs --out FOLDER for its outputs and combined table")
+    model = args.model
+    if args.precision:
+        from cellmask.model.segmenter import load_model
+
+        model = load_model(args.model, device=args.device, precision=args.precision)
+    batch = segment_batch(args.input, args.out, model=model, device=args.device,
+                          progress=not args.quiet, **_settings(args))
+    for key, why in batch.failed.items():
+        print(f"cellmask: error: {key}: {why}", file=sys.stderr)
+    log.info("%d of %d images segmented; combined measurements %s", len(batch.results),
+             len(batch.results) + len(batch.failed), batch.table_path)
+    return 2 if batch.failed else 0
+
+
 def _run_segment(args: argparse.Namespace) -> int:
     from cellmask.pipeline import check_output, open_source, segment_zarr
 
+    if _is_batch(args.input):
+        return _run_batch(args)
     # the input and the output are checked before torch and the model load (seconds)
-    source = open_source(args.input, axes=args.axes, channel=args.channel, z=args.z, t=args.t,
-                         pixel_size=args.pixel_size)
+    source = open_source(args.input[0], axes=args.axes, channel=args.channel, z=args.z,
+                         t=args.t, pixel_size=args.pixel_size)
     check_output(source, args.out, args.name, overwrite=args.overwrite)
     client = None
     if args.scheduler:
@@ -121,14 +166,8 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device,
                        **({"precision": args.precision} if args.precision else {}))
-    result = segment_zarr(source, args.out, model=model, tile=args.tile,
-                          halo=args.halo, device=args.device, batch_size=args.batch_size,
-                          client=client, progress=not args.quiet, axes=args.axes,
-                          channel=args.channel, z=args.z, t=args.t, scale=args.scale,
-                          diameter=args.diameter, pixel_size=args.pixel_size,
-                          modality=args.modality, tissue_mask=not args.no_tissue_mask,
-                          name=args.name, skip_corrupt=args.skip_corrupt,
-                          workers=args.workers, overwrite=args.overwrite)
+    result = segment_zarr(source, args.out, model=model, device=args.device, client=client,
+                          progress=not args.quiet, **_settings(args))
     for chunk in result.corrupt:
         print(f"cellmask: warning: corrupt input {chunk} was segmented as empty", file=sys.stderr)
     log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
@@ -189,6 +228,27 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_geojson(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-geojson", help="write a cellmask output's objects as QuPath "
+                       "GeoJSON (polygons with their measurements)")
+    p.add_argument("output", help="a cellmask output (OME-Zarr store or its labels group)")
+    p.add_argument("--name", default="cellmask", help="name of the labels image")
+    p.add_argument("--out", help="GeoJSON file (default: beside the store, STORE.geojson)")
+    p.add_argument("--class", dest="classification", default="Nucleus",
+                   help="QuPath classification of the objects")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_run_export_geojson)
+
+
+def _run_export_geojson(args: argparse.Namespace) -> int:
+    from cellmask.geojson import export_geojson
+
+    path = export_geojson(args.output, args.out, name=args.name,
+                          classification=args.classification, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the shipped models: modality, pixel size, data, "
                        "licence, accuracy")
@@ -229,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_models, _add_demo):
+    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_export_geojson,
+                _add_models, _add_demo):
         add(sub)
     return parser
 
