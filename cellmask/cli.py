@@ -105,6 +105,12 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace cellmask's earlier labels of this name (another input, other "
                         "settings, or edited by hand) instead of refusing")
+    p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
+                   help="grow each nucleus into a cell by UM micrometres (labels NAME_cells, "
+                        "NAME_cytoplasm; every channel measured per compartment)")
+    p.add_argument("--measurements", metavar="LIST",
+                   help="comma-separated measurements of the compartment table, e.g. "
+                        "area,mean,median (default: all)")
     p.set_defaults(func=_run_segment)
 
 
@@ -125,7 +131,10 @@ def _settings(args: argparse.Namespace) -> dict:
                 channel=args.channel, z=args.z, t=args.t, scale=args.scale,
                 diameter=args.diameter, pixel_size=args.pixel_size, modality=args.modality,
                 tissue_mask=not args.no_tissue_mask, name=args.name,
-                skip_corrupt=args.skip_corrupt, workers=args.workers, overwrite=args.overwrite)
+                skip_corrupt=args.skip_corrupt, workers=args.workers, overwrite=args.overwrite,
+                cell_expansion=args.cell_expansion,
+                measurements=tuple(m.strip() for m in args.measurements.split(",") if m.strip())
+                if args.measurements else None)
 
 
 def _run_batch(args: argparse.Namespace) -> int:

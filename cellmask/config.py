@@ -222,8 +222,13 @@ class RunConfig:
     skip_corrupt: bool = False
     #: Replace cellmask's own earlier labels of this name whatever they hold.
     overwrite: bool = False
+    #: Micrometres each nucleus grows into its cell (0: nuclei only); labels ``<name>_cells``
+    #: and ``<name>_cytoplasm`` and a per-compartment table (:mod:`cellmask.compartments`).
+    cell_expansion: float = 0.0
+    #: Which morphology and statistics the per-compartment table holds (default all).
+    measurements: tuple[str, ...] | None = None
 
     def arithmetic(self) -> dict:
         """The settings of this configuration that change the labels (for the fingerprint)."""
         return {"tile": self.tile, "halo": self.halo, "modality": self.modality,
-                "tissue_mask": self.tissue_mask}
+                "tissue_mask": self.tissue_mask, "cell_expansion": self.cell_expansion}

@@ -78,6 +78,9 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: input chunks that could not be read and were segmented as zeros (``skip_corrupt``)
     corrupt: list[str] = field(default_factory=list)
+    #: per nucleus, every compartment and channel (:mod:`cellmask.compartments`), when cells
+    #: were grown or the input has more channels than the segmented one; else None
+    compartments: Any = None
 
 
 #: Suffixes of image files: an output named so would be a folder that looks like an image.
@@ -209,6 +212,7 @@ def run(source, output=None, *, model=None, device: str = "auto", client=None, d
     try:
         yield from stages.detect()
         yield from stages.resolve_and_paint()
+        yield from stages.grow_cells()
         stages.measure()
         stages.finish()
     except OSError as err:
@@ -230,6 +234,7 @@ class _Stages:
 
     def __init__(self, cfg: RunConfig, client, detector):
         self.cfg, self.client, self.detector = cfg, client, detector
+        self.compartment_table = None
         self.t_start = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.corrupt: list[str] = []
@@ -242,9 +247,22 @@ class _Stages:
         from cellmask.model.segmenter import load_model, resolve_scale
 
         cfg = self.cfg
+        self.source = source
         self.src = open_source(source, axes=cfg.axes, channel=cfg.channel, z=cfg.z, t=cfg.t,
                                pixel_size=cfg.pixel_size)
         self.root = check_output(self.src, output, cfg.name, cfg.overwrite)
+        self.cell_px = 0.0
+        if cfg.cell_expansion:
+            px_um = self.src.pixel_size_um
+            if not (np.isfinite(cfg.cell_expansion) and cfg.cell_expansion > 0):
+                raise InputError(f"cell expansion must be a positive number of um, got "
+                                 f"{cfg.cell_expansion}")
+            if px_um is None:
+                raise InputError("growing cells by micrometres needs the pixel size: the "
+                                 "input states none; pass --pixel-size UM (pixel_size=)")
+            self.cell_px = cfg.cell_expansion / px_um[1]
+            for extra in (f"{cfg.name}_cells", f"{cfg.name}_cytoplasm"):
+                check_not_foreign(self.root, extra)
         self.output_given = output is not None
         if model is None or isinstance(model, (str, Path)):  # after every check of the input
             model = load_model(model or "nuclei", device=device)
@@ -457,6 +475,48 @@ class _Stages:
         folder.save_painted(digests)
         self.timings["stitch_paint"] = time.perf_counter() - t1
 
+    # --- grow cells
+    def grow_cells(self) -> Iterator[Progress]:
+        """Cells and cytoplasm from the painted nuclei, tile by tile (see
+        :mod:`cellmask.compartments`); nothing without ``cell_expansion``."""
+        self.compartments = {"nucleus": self.group["0"]}
+        if not self.cell_px:
+            return
+        from cellmask.compartments import cells_of_region
+
+        t0 = time.perf_counter()
+        cfg, src = self.cfg, self.src
+        groups = {}
+        for suffix in ("cells", "cytoplasm"):
+            groups[suffix] = create_labels(
+                self.root, f"{cfg.name}_{suffix}", src.shape, cfg.tile,
+                zarr_format=self.group.metadata.zarr_format, pixel_size=src.pixel_size,
+                unit=src.pixel_unit, source="../../" if src.kind == "ome-zarr"
+                and not self.output_given else (str(src.path) if src.path else None))
+        nuclei = self.group["0"]
+        whole = all(tile_pyramid(g, cfg.tile) for g in groups.values())
+
+        def paint(tl: Tile) -> None:
+            _, cell, cyto = cells_of_region(nuclei, tl.core, self.cell_px, src.shape)
+            for g, labels in ((groups["cells"], cell), (groups["cytoplasm"], cyto)):
+                if whole:
+                    write_levels(g, tl.core, labels.astype(np.int32))
+                else:
+                    y0, y1, x0, x1 = tl.core
+                    g["0"][y0:y1, x0:x1] = labels
+            # every tile's cells are complete once its own and its neighbours' nuclei are:
+            # they were all painted before this stage
+
+        with ThreadPoolExecutor(_output_threads()) as painters:
+            for k, _ in enumerate(painters.map(paint, self.tiles)):
+                yield Progress("cells", k + 1, len(self.tiles), len(self.kept))
+            if not whole:
+                for g in groups.values():
+                    write_pyramid(g, painters)
+        self.compartments.update({"cell": groups["cells"]["0"],
+                                  "cytoplasm": groups["cytoplasm"]["0"]})
+        self.timings["cells"] = time.perf_counter() - t0
+
     # --- measure
     def measure(self) -> None:
         t2 = time.perf_counter()
@@ -466,12 +526,44 @@ class _Stages:
             src, skip = self.src, self.cfg.skip_corrupt
             table = measure_instances(self.kept, src, self.cfg.tile,
                                       read=lambda r: read_window(src, r, skip)[0])
-            write_atomic(self.group_dir / "measurements.parquet",
-                         lambda fh: table.to_parquet(fh, index=False))
-            write_atomic(self.group_dir / "measurements.csv",
-                         lambda fh: fh.write(table.to_csv(index=False).encode()))
+            _write_table(self.group_dir / "measurements", table)
             self.table = table
+            self._measure_compartments(table)
         self.timings["measure"] = time.perf_counter() - t2
+
+    def _all_channels(self) -> ImageSource:
+        """The input with every channel (the segmented one is one of them)."""
+        cfg, source = self.cfg, self.source
+        if isinstance(source, ImageSource):
+            if source.path is None:
+                return source
+            source = source.path
+        try:
+            src = open_image(source, axes=cfg.axes, channel="all", z=cfg.z, t=cfg.t)
+        except InputError:
+            return self.src
+        if self.src.pixel_size is not None:
+            src = dataclasses.replace(src, pixel_size=self.src.pixel_size,
+                                      pixel_unit=self.src.pixel_unit)
+        return src
+
+    def _measure_compartments(self, nuclei_table) -> None:
+        """The per-compartment, every-channel table, when cells were grown or the input has
+        channels besides the segmented one."""
+        from cellmask.compartments import measure_compartments
+        from cellmask.sources import channel_labels
+
+        every = self._all_channels()
+        if not self.cell_px and every.array.shape[2] <= self.src.array.shape[2]:
+            return
+        skip = self.cfg.skip_corrupt
+        px_um = self.src.pixel_size_um
+        table = measure_compartments(
+            self.compartments, lambda r: read_window(every, r, skip)[0], channel_labels(every),
+            nuclei_table, self.cfg.tile, self.cell_px, px_um[1] if px_um else None,
+            self.cfg.measurements)
+        _write_table(self.group_dir / "compartments", table)
+        self.compartment_table = table
 
     def finish(self) -> None:
         """Record how the labels were made, make every written chunk durable, mark done."""
@@ -490,7 +582,15 @@ class _Stages:
         import dask.array as da
 
         return SegmentationResult(self.group_dir, da.from_zarr(labels_level0(self.group_dir)),
-                                  self.table, len(self.kept), dict(self.timings), self.corrupt)
+                                  self.table, len(self.kept), dict(self.timings), self.corrupt,
+                                  self.compartment_table)
+
+
+def _write_table(stem: Path, table) -> None:
+    """``stem.parquet`` and ``stem.csv``, each written atomically."""
+    write_atomic(stem.with_suffix(".parquet"), lambda fh: table.to_parquet(fh, index=False))
+    write_atomic(stem.with_suffix(".csv"),
+                 lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
 def _unwritable(root: Path, err: OSError) -> InputError:

@@ -52,6 +52,8 @@ class ImageSource:
     #: gives none
     pixel_unit: str | None = None
     description: str = field(default="", compare=False)
+    #: Names of the channels of the whole image (OME metadata), before any channel selection
+    channel_names: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -169,7 +171,9 @@ def _reduce_axes(arr, axes: str, *, channel: int | None, z: int | None, t: int |
     arr = arr.transpose(order)
     n = arr.shape[2]
     is_rgb = n == 3 and chan_axes == ["S"]  # TIFF samples / numpy (H, W, 3): colour
-    if channel is not None:
+    if channel == "all":  # every channel, for measuring (cellmask.compartments)
+        pass
+    elif channel is not None:
         if not -n <= channel < n:
             raise InputError(f"channel {channel} is out of range: the image has {n} channels "
                              f"(0..{n - 1})")
@@ -258,7 +262,39 @@ def tiff_pixel_size(tif) -> tuple[tuple[float, float], str] | None:
     return None
 
 
-def open_image(source: Any, *, axes: str | None = None, channel: int | None = None,
+def _ome_channel_names(tif) -> tuple[str, ...]:
+    """``Channel Name`` attributes of an OME-TIFF's first image, in order; () if none."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return ()
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return ()
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return ()
+    channels = [el for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]
+    return tuple(el.get("Name") or f"ch{k}" for k, el in enumerate(channels))
+
+
+def channel_labels(src: "ImageSource") -> list[str]:
+    """A name per channel of ``src``: its OME names, "R", "G", "B" for colour, else ch0, ch1..."""
+    n = int(src.array.shape[2])
+    if len(src.channel_names) == n:
+        return [_safe_name(v) for v in src.channel_names]
+    if n == 3 and src.kind in ("tiff", "image", "numpy", "npy", "dask", "array"):
+        return ["R", "G", "B"]
+    return [f"ch{k}" for k in range(n)]
+
+
+def _safe_name(name: str) -> str:
+    """A channel name usable in a column name (no dots: they separate the parts)."""
+    return "".join(ch if ch.isalnum() or ch in "-_+" else "_" for ch in name) or "ch"
+
+
+def open_image(source: Any, *, axes: str | None = None, channel: int | str | None = None,
                z: int | None = None, t: int | None = None) -> ImageSource:
     """Open ``source`` lazily (path, zarr array or group, numpy or dask array)."""
     import dask.array as da
@@ -320,8 +356,12 @@ def _from_group(group, path, axes, channel, z, t) -> ImageSource:
     levels = tuple(_reduce_axes(_from_zarr(a, f"{path or 'the zarr group'}/{a.basename}"), axes,
                                 channel=channel, z=z, t=t) for a in arrays)
     fmt = getattr(group.metadata, "zarr_format", 3)
+    attrs = group.attrs.asdict()
+    omero = attrs.get("ome", attrs).get("omero") or {}
+    names = tuple(str(c.get("label", f"ch{k}")) for k, c in enumerate(omero.get("channels", []))
+                  if isinstance(c, dict)) if isinstance(omero, dict) else ()
     return ImageSource(levels[0], levels, kind="ome-zarr", path=path, group=path,
-                       zarr_format=fmt, pixel_size=pixel, pixel_unit=unit)
+                       zarr_format=fmt, pixel_size=pixel, pixel_unit=unit, channel_names=names)
 
 
 def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
@@ -353,7 +393,7 @@ def _open_path(path: Path, *, axes, channel, z, t) -> ImageSource:
                     for lv in levels)
         pixel, unit = physical if physical else (None, None)
         return ImageSource(red[0], red, kind="tiff", path=path, pixel_size=pixel,
-                           pixel_unit=unit)
+                           pixel_unit=unit, channel_names=_ome_channel_names(tif))
     if suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
