@@ -227,6 +227,8 @@ class RunConfig:
     cell_expansion: float = 0.0
     #: Which morphology and statistics the per-compartment table holds (default all).
     measurements: tuple[str, ...] | None = None
+    #: In a new store, write the input image (every channel, 3 levels) beside the labels.
+    write_image: bool = True
 
     def arithmetic(self) -> dict:
         """The settings of this configuration that change the labels (for the fingerprint)."""

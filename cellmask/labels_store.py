@@ -9,6 +9,8 @@ Layout (``ROOT`` is the input OME-Zarr, or a new store)::
                             to exactly one chunk of each level, written with it
     ROOT/labels/NAME/.run/  the run's state (lock, fingerprint, per-tile instance records)
     ROOT/labels/NAME/measurements.parquet, measurements.csv
+    ROOT/0 1 2              (a new store only) the input image (c, y, x), so that the store
+                            opens as image + labels in ome-zarr-py and napari
 
 Only the ``labels`` group is ever written in ``ROOT``: the image arrays are never opened for
 writing.
@@ -49,6 +51,69 @@ def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
     _write_metadata(root, name, zarr_format, pixel_size, source, unit)
     # opened again: a zarr group object caches its attributes, the writers used their own
     return zarr.open_group(str(Path(root) / "labels" / name), mode="a", zarr_format=zarr_format)
+
+
+def has_image(root: Path) -> bool:
+    """Whether the store ``root`` holds an NGFF image (multiscales) at its root."""
+    import zarr
+
+    try:
+        attrs = zarr.open_group(str(root), mode="r").attrs.asdict()
+    except Exception:  # no store yet
+        return False
+    return "multiscales" in attrs.get("ome", attrs)
+
+
+def create_image(root: Path, shape: tuple[int, int], channels: list[str], dtype, chunk: int,
+                 pixel_size: tuple[float, float] | None = None, unit: str | None = None):
+    """An NGFF multiscale image ``(c, y, x)`` at the root of ``root`` (levels ``0 1 2``,
+    downsampled by 2 per level), so that a store made from a TIFF, PNG or array opens in
+    ome-zarr-py and napari with its labels; filled by :func:`write_image_levels`."""
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    c = len(channels)
+    shapes = [shape]
+    for _ in DATASETS[1:]:
+        shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+    for level, (path, (h, w)) in enumerate(zip(DATASETS, shapes)):
+        if path not in group:
+            side = _level_chunks(chunk, level, (h, w))
+            group.create_array(path, shape=(c, h, w), chunks=(1, *side), dtype=dtype,
+                               fill_value=0, dimension_names=("c", "y", "x"))
+    sy, sx = pixel_size or (1.0, 1.0)
+    datasets = [{"path": p, "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0, sy * 2 ** i, sx * 2 ** i]}]}
+        for i, p in enumerate(DATASETS)]
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
+            {"name": "x", "type": "space"}]
+    if unit and pixel_size:
+        for axis in axes[1:]:
+            axis["unit"] = _NGFF_UNITS.get(unit, unit)
+    write_multiscales_metadata(group, datasets, fmt=FormatV05(), axes=axes, name="image",
+                               metadata={"method": "stride"})
+    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    ome = dict(group.attrs.asdict()["ome"])
+    ome["omero"] = {"channels": [{"label": name, "active": True} for name in channels]}
+    group.attrs["ome"] = ome
+    return zarr.open_group(str(root), mode="a", zarr_format=3)
+
+
+def write_image_levels(group, core: tuple[int, int, int, int], pixels: np.ndarray) -> None:
+    """Write the ``(h, w, C)`` input ``pixels`` of a tile ``core`` into every level of the
+    image ``group`` (every second pixel per level: chunks stay whole when the core starts on
+    a multiple of 4)."""
+    y0, _, x0, _ = core
+    chw = np.moveaxis(pixels, -1, 0)
+    for level, path in enumerate(DATASETS):
+        f = 2 ** level
+        oy, ox = (-y0) % f, (-x0) % f
+        piece = chw[:, oy::f, ox::f]
+        arr = group[path]
+        ty, tx = (y0 + oy) // f, (x0 + ox) // f
+        arr[:, ty:ty + piece.shape[1], tx:tx + piece.shape[2]] = piece
 
 
 def check_shape(root: Path, name: str, shape: tuple[int, int]) -> None:
@@ -212,8 +277,9 @@ def write_atomic(path: Path, write) -> None:
     loss."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)  # reopened by name: writers such as tifffile want a named file
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -20,9 +20,11 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,10 +35,10 @@ from cellmask.appearance import Appearance
 from cellmask.config import RunConfig
 from cellmask.engine import TileTimer, WindowReader, read_window, tile_workers
 from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F401
-from cellmask.labels_store import (DATASETS, check_shape, create_labels, fsync_tree,
-                                   labels_level0, read_json, save_npz_atomic, tile_pyramid,
-                                   write_atomic, write_json_atomic, write_levels,
-                                   write_pyramid)
+from cellmask.labels_store import (DATASETS, check_shape, create_image, create_labels,
+                                   fsync_tree, labels_level0, read_json, save_npz_atomic,
+                                   tile_pyramid, write_atomic, write_image_levels,
+                                   write_json_atomic, write_levels, write_pyramid)
 from cellmask.memory import limit_arenas, trim
 from cellmask.run_state import (RunFolder, check_not_foreign, differences, labels_digest,
                                 source_identity, tile_key)
@@ -99,21 +101,53 @@ def output_root(src: ImageSource, output) -> Path:
         if src.path is not None and out.resolve() == Path(src.path).resolve() \
                 and src.kind != "ome-zarr":
             raise InputError(f"output {out} is the input file: choose another output path")
+        if out.name.lower().endswith((".tif", ".tiff")):  # labels as TIFF: the run's store
+            return out.with_name(_strip(out.name) + ".ome.zarr")  # is beside it
         if out.name.lower().endswith(_IMAGE_SUFFIXES):
             raise InputError(f"output {out} names an image file, but cellmask writes an "
-                             "OME-Zarr folder: pass --out NAME.ome.zarr")
+                             "OME-Zarr folder (or labels as .tif): pass --out NAME.ome.zarr")
         return out
     if src.kind == "ome-zarr" and src.group is not None:
         return Path(src.group)
     if src.path is not None:
         p = Path(src.path)
-        stem = p.name
-        for suffix in _INPUT_SUFFIXES:
-            if stem.lower().endswith(suffix):
-                stem = stem[:-len(suffix)]
-                break
-        return p.with_name(stem + ".cellmask.ome.zarr")
+        return p.with_name(_strip(p.name) + ".cellmask.ome.zarr")
     raise InputError("an in-memory image needs output= (a path for the OME-Zarr labels)")
+
+
+def _strip(name: str) -> str:
+    """``name`` without its image suffix (``plate.A1.tif`` -> ``plate.A1``)."""
+    for suffix in _INPUT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def write_labels_tiff(level0, path: Path, pixel_size_um: float | None = None,
+                      tile: int = 512) -> Path:
+    """Level-0 labels ``(Y, X)`` (a zarr array) as a tiled, compressed BigTIFF, written tile
+    by tile (memory of one row of tiles) under a temporary name, then renamed."""
+    import tifffile
+
+    h, w = level0.shape
+
+    def tiles():
+        for y in range(0, h, tile):
+            row = np.asarray(level0[y:y + tile, :])
+            for x in range(0, w, tile):
+                block = np.zeros((tile, tile), np.int32)
+                part = row[:, x:x + tile]
+                block[:part.shape[0], :part.shape[1]] = part
+                yield block
+
+    extra = {}
+    if pixel_size_um:
+        extra = {"resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um),
+                 "resolutionunit": "CENTIMETER"}
+    write_atomic(path, lambda fh: tifffile.imwrite(
+        fh, tiles(), shape=(h, w), dtype=np.int32, tile=(tile, tile), bigtiff=True,
+        compression="zlib", **extra))
+    return path
 
 
 def open_source(source, *, axes: str | None = None, channel: int | None = None,
@@ -137,6 +171,11 @@ def check_output(src: ImageSource, output, name: str = "cellmask",
     root = output_root(src, output)
     _check_writable(root)
     check_not_foreign(root, name)
+    if output is not None and str(output).lower().endswith((".tif", ".tiff")) \
+            and Path(output).exists() and not overwrite \
+            and not (root / "labels" / name / ".run").is_dir():  # not from this store's run
+        raise OutputConflict(f"{output} exists: pass --overwrite (overwrite=True) to replace "
+                             "it with these labels, or another --out")
     return root
 
 
@@ -224,6 +263,10 @@ def run(source, output=None, *, model=None, device: str = "auto", client=None, d
         raise
     finally:
         stages.folder.unlock()
+    if output is not None and str(output).lower().endswith((".tif", ".tiff")):
+        px = stages.src.pixel_size_um
+        write_labels_tiff(stages.group["0"], Path(output), px[1] if px else None)
+        log.info("labels written to %s (the run's store: %s)", output, stages.root)
     yield Progress("done", len(stages.tiles), len(stages.tiles), len(stages.kept),
                    seconds=stages.timings["total"])
     yield stages.result()
@@ -348,13 +391,24 @@ class _Stages:
             return None
 
     def _create_output(self):
+        """The labels group; in a new store (not the input OME-Zarr) also the input image
+        at the store's root (with every channel), so that the output opens on its own."""
         src = self.src
         in_place = src.kind == "ome-zarr" and not self.output_given
+        self.image_src = self.image_group = None
         try:
+            if not in_place and self.cfg.write_image:
+                from cellmask.sources import channel_labels
+
+                every = self._all_channels()
+                self.image_src = every
+                self.image_group = create_image(
+                    self.root, src.shape, channel_labels(every), every.array.dtype,
+                    self.cfg.tile, pixel_size=src.pixel_size, unit=src.pixel_unit)
             return create_labels(self.root, self.cfg.name, src.shape, self.cfg.tile,
                                  zarr_format=src.zarr_format if in_place else 3,
                                  pixel_size=src.pixel_size, unit=src.pixel_unit,
-                                 source="../../" if in_place
+                                 source="../../" if in_place or self.image_group is not None
                                  else (str(src.path) if src.path else None))
         except (PermissionError, FileNotFoundError, NotADirectoryError) as err:
             raise _unwritable(self.root, err) from None
@@ -453,6 +507,7 @@ class _Stages:
         whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
         holes = corrupt_boxes(self.corrupt)
         digests: dict[str, str] = {}
+        image_lock = threading.Lock() if tile % 4 else nullcontext()
 
         def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
             labels = paint_region(kept, index, tl.core)
@@ -465,6 +520,10 @@ class _Stages:
                 write_levels(group, tl.core, labels)
             else:
                 level0[y0:y1, x0:x1] = labels
+            if self.image_group is not None:  # the input beside its labels
+                pixels = read_window(self.image_src, tl.core, self.cfg.skip_corrupt)[0]
+                with image_lock:  # a real lock only when chunks of lower levels are shared
+                    write_image_levels(self.image_group, tl.core, pixels)
 
         # the cores are otherwise idle here; encoding chunks releases the GIL
         with ThreadPoolExecutor(_output_threads()) as painters:

@@ -124,3 +124,38 @@ def test_batch_command_reports_failures_and_needs_an_output_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     table = pd.read_csv(tmp_path / "out" / "measurements.csv")
     assert sorted(table["image"].unique()) == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+
+
+def test_outputs_of_a_tiff_open_as_image_and_labels_everywhere(tmp_path):
+    """The store made from a TIFF holds the image too: ome-zarr-py, ome-zarr-models (strict
+    NGFF 0.5) and napari-ome-zarr open it with its labels, in the same units."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    image, truth = load_fixture("fluo_29dd28df98ee")
+    two = np.stack([image, image[::-1]])
+    tifffile.imwrite(tmp_path / "in.ome.tif", two, metadata={
+        "axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]}, "PhysicalSizeX": 0.25,
+        "PhysicalSizeY": 0.25})
+    out = tmp_path / "o.ome.zarr"
+    cellmask.segment_zarr(tmp_path / "in.ome.tif", out, channel=0, tile=128, halo=32,
+                          detector=oracle(truth), model=_tiny_model(), progress=False)
+    nodes = list(Reader(parse_url(str(out)))())
+    assert [n.data[0].shape for n in nodes if n.data] == [(2, 256, 256), (256, 256)]
+    img = Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    axes = img.attributes.ome.multiscales[0].axes
+    lab = ImageLabel.from_zarr(zarr.open_group(str(out / "labels/cellmask"), mode="r"))
+    lab_axes = lab.attributes.ome.multiscales[0].axes
+    assert [a.unit for a in axes[1:]] == [a.unit for a in lab_axes] == ["micrometer"] * 2
+    root = zarr.open_group(str(out), mode="r")
+    assert [c["label"] for c in root.attrs["ome"]["omero"]["channels"]] == ["DAPI", "GFP"]
+    np.testing.assert_array_equal(root["0"][:], two)
+    np.testing.assert_array_equal(root["1"][:], two[:, ::2, ::2])
+    from napari_ome_zarr import napari_get_reader
+
+    layers = napari_get_reader(str(out))(str(out))
+    kinds = sorted(layer[2] for layer in layers)
+    assert kinds == ["image", "labels"]

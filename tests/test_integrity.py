@@ -41,9 +41,25 @@ def test_default_output_names_keep_the_whole_stem(tmp_path, name, expected):
 
 def test_output_named_like_an_image_file_is_refused(tmp_path):
     with pytest.raises(cellmask.InputError, match="names an image file"):
-        cellmask.segment_zarr(np.zeros((64, 64), np.uint8), tmp_path / "result.tif",
+        cellmask.segment_zarr(np.zeros((64, 64), np.uint8), tmp_path / "result.png",
                               model=_tiny_model(), progress=False)
-    assert not (tmp_path / "result.tif").exists()
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_labels_as_tiff_when_asked(tmp_path):
+    image, truth = load_fixture("fluo_29dd28df98ee")
+    (tmp_path / "mine.tif").write_bytes(b"a user's file")
+    with pytest.raises(OutputConflict, match="mine.tif exists"):
+        _oracle_run(image, truth, tmp_path / "mine.tif")
+    assert (tmp_path / "mine.tif").read_bytes() == b"a user's file"
+    result = _oracle_run(image, truth, tmp_path / "labels.tif", pixel_size=0.5)
+    with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+        labels = tif.asarray()
+        assert tif.pages[0].is_tiled
+    assert np.array_equal(labels, np.asarray(result.labels)) and labels.max() > 10
+    assert result.path.parent.parent == tmp_path / "labels.ome.zarr"
+    again = _oracle_run(image, truth, tmp_path / "labels.tif", pixel_size=0.5)  # resumes
+    assert again.objects == result.objects
 
 
 def test_resuming_with_another_input_is_refused(tmp_path):
