@@ -90,6 +90,17 @@ def prepare(window: np.ndarray, region, appearance: Appearance, scale: float) ->
     return chw
 
 
+def mask_confidence(probs: np.ndarray, thresh: float) -> np.ndarray:
+    """Mean probability over the pixels of each box-local mask ``(N, M, M)`` at ``thresh``:
+    near 1 where the network is sure of the outline, near ``thresh`` where it is not."""
+    if len(probs) == 0:
+        return np.zeros(0, np.float32)
+    inside = probs >= thresh
+    total = (probs * inside).sum(axis=(1, 2))
+    count = inside.sum(axis=(1, 2))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+
+
 def detect_tiles(model, src: ImageSource, tiles: list[Tile], appearance: Appearance,
                  scale: float,
                  windows: list[np.ndarray] | None = None,
@@ -122,7 +133,8 @@ def detect_tiles(model, src: ImageSource, tiles: list[Tile], appearance: Appeara
         inst = Instances(inst.boxes * f, inst.scores, inst.masks).shifted(y0, x0).owned_by(t)
         boxes = pixel_windows(inst.boxes, src.shape)
         out.append(InstanceSet(boxes, inst.scores, local_masks(  # on the GPU when there is one
-            inst, boxes, model.config.mask_thresh, device=model.device)))
+            inst, boxes, model.config.mask_thresh, device=model.device),
+            mask_confidence(inst.masks, model.config.mask_thresh)))
     t3 = time.perf_counter()
     if on_network is not None:
         on_network(t1, t2)

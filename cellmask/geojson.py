@@ -4,8 +4,10 @@ Each object becomes a ``Feature`` whose geometry is the outline of its pixels (a
 with holes, or a ``MultiPolygon`` when the painted object is in pieces) in level-0 pixel
 coordinates with the origin at the top-left corner of the top-left pixel, as QuPath reads
 them; ``properties`` carry ``objectType: "detection"``, a ``classification`` and the object's
-row of the measurements table under ``measurements`` (QuPath shows them in its measurement
-table). Objects are taken tile by tile (the tile holding the top-left corner of each object's
+row of the measurements table (and of the per-compartment table, when there is one) under
+``measurements`` (QuPath shows them in its measurement table). When cells were grown, each
+object is a QuPath ``cell``: the cell's outline is its ``geometry``, the nucleus's its
+``nucleusGeometry``. Objects are taken tile by tile (the tile holding the top-left corner of each object's
 box reads the region of its objects), so a slide with millions of objects is exported with
 the memory of one tile; the file is written under a temporary name and renamed when complete.
 
@@ -26,6 +28,7 @@ from cellmask.errors import InputError
 
 log = logging.getLogger(__name__)
 
+DATASET = "0"
 #: Measurement columns that locate an object rather than describe it (not exported).
 _LOCATION = ("bbox-0", "bbox-1", "bbox-2", "bbox-3")
 
@@ -95,8 +98,11 @@ def _inside(point: np.ndarray, ring: np.ndarray) -> bool:
     return bool(np.count_nonzero(crosses & (x < at)) % 2)
 
 
-def _features(labels, table, tile: int, object_type: str, classification: str):
-    """``(label, feature)`` of every object in the table, tile by tile."""
+def _features(labels, table, tile: int, object_type: str, classification: str,
+              cells=None, grow: int = 0):
+    """``(label, feature)`` of every object in the table, tile by tile; with ``cells`` (cell
+    labels, each nucleus grown by at most ``grow`` px) QuPath cells: the cell's outline as
+    ``geometry``, the nucleus's as ``nucleusGeometry``."""
     h, w = labels.shape
     by = (table["bbox-0"].to_numpy() // tile).astype(np.int64)
     bx = (table["bbox-1"].to_numpy() // tile).astype(np.int64)
@@ -112,6 +118,9 @@ def _features(labels, table, tile: int, object_type: str, classification: str):
         ry0, rx0 = boxes[rows, 0].min(), boxes[rows, 1].min()
         ry1, rx1 = boxes[rows, 2].max(), boxes[rows, 3].max()
         region = np.asarray(labels[ry0:ry1, rx0:rx1])
+        if cells is not None:
+            gy0, gx0 = max(0, ry0 - grow), max(0, rx0 - grow)
+            cell_region = np.asarray(cells[gy0:min(h, ry1 + grow), gx0:min(w, rx1 + grow)])
         for k in rows:
             y0, x0, y1, x1 = boxes[k]
             mask = region[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0] == ids[k]
@@ -120,11 +129,20 @@ def _features(labels, table, tile: int, object_type: str, classification: str):
                 continue
             measurements = {c: (None if not np.isfinite(v) else float(v))
                             for c, v in zip(columns, values[k])}
-            yield int(ids[k]), {
-                "type": "Feature", "id": f"cellmask-{int(ids[k])}", "geometry": geometry,
-                "properties": {"objectType": object_type, "name": f"{classification} "
-                               f"{int(ids[k])}", "classification": {"name": classification},
-                               "isLocked": False, "measurements": measurements}}
+            props = {"objectType": object_type, "name": f"{classification} {int(ids[k])}",
+                     "classification": {"name": classification}, "isLocked": False,
+                     "measurements": measurements}
+            if cells is not None:
+                cy0, cx0 = max(gy0, y0 - grow), max(gx0, x0 - grow)
+                cy1, cx1 = min(h, y1 + grow), min(w, x1 + grow)
+                cell_mask = cell_region[cy0 - gy0:cy1 - gy0, cx0 - gx0:cx1 - gx0] == ids[k]
+                cell_geometry = outline(cell_mask, int(cy0), int(cx0))
+                if cell_geometry is not None:
+                    props["objectType"] = "cell"
+                    props["nucleusGeometry"] = geometry
+                    geometry = cell_geometry
+            yield int(ids[k]), {"type": "Feature", "id": f"cellmask-{int(ids[k])}",
+                                "geometry": geometry, "properties": props}
 
 
 def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str = "cellmask",
@@ -148,6 +166,19 @@ def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str
         raise InputError(f"{path} has no measurements table (labels/{name}/"
                          "measurements.parquet): segment with measurements to export objects")
     table = pd.read_parquet(group_dir / "measurements.parquet")
+    if (group_dir / "compartments.parquet").is_file():  # every channel, every compartment
+        more = pd.read_parquet(group_dir / "compartments.parquet")
+        table = table.merge(more, on="label", how="left")
+    cells, grow = None, 0
+    cells_dir = group_dir.parent / f"{name}_cells"
+    if (cells_dir / DATASET).exists():
+        import math
+
+        import zarr
+
+        record = zarr.open_group(str(group_dir), mode="r").attrs.get("cellmask", {})
+        cells = zarr.open_array(str(cells_dir / DATASET), mode="r")
+        grow = int(math.ceil(float(record.get("cell_expansion_px", 0)))) + 1
     if out is None:
         store = group_dir.parent.parent
         stem = store.name[:-len(".ome.zarr")] if store.name.endswith(".ome.zarr") else store.stem
@@ -162,7 +193,7 @@ def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str
         nonlocal count
         fh.write(b'{"type": "FeatureCollection", "features": [\n')
         for _, feature in _features(labels, table, max(256, tile), object_type,
-                                    classification):
+                                    classification, cells, grow):
             fh.write((",\n" if count else "").encode() + json.dumps(feature).encode())
             count += 1
         fh.write(b"\n]}\n")

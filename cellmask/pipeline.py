@@ -583,9 +583,20 @@ class _Stages:
             from cellmask.measure import measure_instances
 
             src, skip = self.src, self.cfg.skip_corrupt
+            from cellmask.qc import object_signals, run_summary
+
             table = measure_instances(self.kept, src, self.cfg.tile,
                                       read=lambda r: read_window(src, r, skip)[0])
+            table = object_signals(table, self.kept.scores, self.kept.mask_confidence,
+                                   src.shape, self.cfg.tile)
             _write_table(self.group_dir / "measurements", table)
+            self.qc = run_summary(table, src.shape, self.cfg.tile, self.cfg.halo)
+            write_json_atomic(self.group_dir / "qc.json", self.qc)
+            log.info("quality: %d objects, %d low-confidence, %d size outliers, %d larger "
+                     "than the halo, %d crossing seams (see %s)", self.qc["objects"],
+                     self.qc.get("low_confidence", 0), self.qc.get("size_outliers", 0),
+                     self.qc.get("larger_than_halo", 0), self.qc.get("crossing_seams", 0),
+                     self.group_dir / "qc.json")
             self.table = table
             self._measure_compartments(table)
         self.timings["measure"] = time.perf_counter() - t2
@@ -628,6 +639,9 @@ class _Stages:
         """Record how the labels were made, make every written chunk durable, mark done."""
         write_json_atomic(self.folder.dir / "corrupt.json", self.corrupt)
         record = run_record(self.model, self.appearance, self.scale, self.src, self.corrupt)
+        if self.cell_px:
+            record["cell_expansion_um"] = self.cfg.cell_expansion
+            record["cell_expansion_px"] = self.cell_px
         if self.tissue is not None:
             record["tissue"] = {"fraction": round(self.tissue.fraction, 4),
                                 "od_threshold": self.tissue.threshold,

@@ -30,13 +30,22 @@ class InstanceSet:
     windows: np.ndarray  # (N, 4) int64 [x0, y0, x1, y1]
     scores: np.ndarray   # (N,) float32
     masks: list
+    #: (N,) float32: mean mask probability over each mask's pixels (NaN where unknown)
+    confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def mask_confidence(self) -> np.ndarray:
+        if self.confidence is None:
+            return np.full(len(self), np.nan, np.float32)
+        return self.confidence
+
     @staticmethod
     def empty() -> "InstanceSet":
-        return InstanceSet(np.zeros((0, 4), np.int64), np.zeros(0, np.float32), [])
+        return InstanceSet(np.zeros((0, 4), np.int64), np.zeros(0, np.float32), [],
+                           np.zeros(0, np.float32))
 
     @staticmethod
     def concatenate(parts: list["InstanceSet"]) -> "InstanceSet":
@@ -45,14 +54,16 @@ class InstanceSet:
             return InstanceSet.empty()
         return InstanceSet(np.concatenate([p.windows for p in parts]),
                            np.concatenate([p.scores for p in parts]),
-                           [m for p in parts for m in p.masks])
+                           [m for p in parts for m in p.masks],
+                           np.concatenate([p.mask_confidence for p in parts]))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat arrays for an ``.npz`` record: windows, scores, packed mask bits."""
+        """Flat arrays for an ``.npz`` record: windows, scores, packed mask bits, confidence."""
         flat = [m.ravel() for m in self.masks]
         sizes = np.array([f.size for f in flat], np.int64)
         bits = np.packbits(np.concatenate(flat)) if flat else np.zeros(0, np.uint8)
-        return {"windows": self.windows, "scores": self.scores, "sizes": sizes, "bits": bits}
+        return {"windows": self.windows, "scores": self.scores, "sizes": sizes, "bits": bits,
+                "confidence": self.mask_confidence}
 
     @staticmethod
     def from_arrays(d) -> "InstanceSet":
@@ -63,7 +74,8 @@ class InstanceSet:
         for (x0, y0, x1, y1), n in zip(windows, sizes):
             masks.append(flat[start:start + n].reshape(y1 - y0, x1 - x0))
             start += n
-        return InstanceSet(windows, np.asarray(d["scores"], np.float32), masks)
+        conf = np.asarray(d["confidence"], np.float32) if "confidence" in d else None
+        return InstanceSet(windows, np.asarray(d["scores"], np.float32), masks, conf)
 
 
 def _cells(window: np.ndarray, cell: int):
@@ -96,6 +108,8 @@ def resolve(inst: InstanceSet, *, min_visible_fraction: float = 0.5, min_area: i
     kept_w: list[list[int]] = []
     kept_m: list[np.ndarray] = []
     kept_s: list[float] = []
+    kept_c: list[float] = []
+    confidence = inst.mask_confidence
     for rank, i in enumerate(order.tolist()):
         mask = inst.masks[i]
         area = int(np.count_nonzero(mask))
@@ -119,9 +133,11 @@ def resolve(inst: InstanceSet, *, min_visible_fraction: float = 0.5, min_area: i
         kept_w.append([x0, y0, x1, y1])
         kept_m.append(free)
         kept_s.append(float(inst.scores[i]))
+        kept_c.append(float(confidence[i]))
     if not kept_w:
         return InstanceSet.empty()
-    return InstanceSet(np.array(kept_w, np.int64), np.array(kept_s, np.float32), kept_m)
+    return InstanceSet(np.array(kept_w, np.int64), np.array(kept_s, np.float32), kept_m,
+                       np.array(kept_c, np.float32))
 
 
 def _cell_entries(windows: np.ndarray, cell: int):

@@ -159,3 +159,31 @@ def test_outputs_of_a_tiff_open_as_image_and_labels_everywhere(tmp_path):
     layers = napari_get_reader(str(out))(str(out))
     kinds = sorted(layer[2] for layer in layers)
     assert kinds == ["image", "labels"]
+
+
+def test_geojson_cells_carry_their_nucleus_and_every_channel(tmp_path):
+    import zarr
+    from shapely.geometry import shape
+
+    image, truth = load_fixture("fluo_e23e11414ee6")
+    two = np.stack([image, image[::-1, ::-1]])
+    result = cellmask.segment_zarr(two, tmp_path / "o.ome.zarr", axes="CYX", channel=0,
+                                   tile=128, halo=48, detector=oracle(truth),
+                                   model=_tiny_model(), progress=False, pixel_size=0.5,
+                                   cell_expansion=2.0)
+    features = json.loads(cellmask.export_geojson(tmp_path / "o.ome.zarr").read_text())[
+        "features"]
+    nuclei = np.asarray(result.labels)
+    cells = zarr.open_array(str(tmp_path / "o.ome.zarr/labels/cellmask_cells/0"))[:]
+    assert len(features) == nuclei.max()
+    for feature in features[::10]:
+        props = feature["properties"]
+        assert props["objectType"] == "cell" and "cell.mean.ch1" in props["measurements"]
+        label = int(feature["id"].split("-")[1])
+        for geometry, labels in ((feature["geometry"], cells),
+                                 (props["nucleusGeometry"], nuclei)):
+            ys, xs = np.nonzero(labels == label)
+            y0, x0 = ys.min(), xs.min()
+            pixels = _pixels(labels[y0:ys.max() + 1, x0:xs.max() + 1] == label, y0, x0)
+            g = shape(geometry)
+            assert g.intersection(pixels).area / g.union(pixels).area >= 0.95
