@@ -48,8 +48,8 @@ def expand_inputs(items) -> list[Any]:
             found = sorted(p for p in path.iterdir()
                            if p.suffix.lower() in IMAGE_SUFFIXES or _is_store(p))
             if not found:
-                raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)} "
-                                 "or Zarr stores)")
+                raise InputError(f"folder {path} is not a Zarr store and holds no images "
+                                 f"({', '.join(IMAGE_SUFFIXES)} or Zarr stores)")
             out.extend(found)
         elif any(ch in str(item) for ch in "*?[") and not path.exists():
             found = sorted(Path(p) for p in glob.glob(str(item)))

@@ -26,7 +26,7 @@ def _run(tmp_path, name, tile, **kw):
 
 
 def test_cells_across_tiles_equal_the_whole_image(tmp_path):
-    tiled = _run(tmp_path, "tiled.zarr", 128, cell_expansion=3.0)
+    _run(tmp_path, "tiled.zarr", 128, cell_expansion=3.0)
     whole = _run(tmp_path, "whole.zarr", 1024, cell_expansion=3.0)
     for suffix in ("cells", "cytoplasm"):
         a = zarr.open_array(str(tmp_path / f"tiled.zarr/labels/cellmask_{suffix}/0"))[:]
