@@ -114,6 +114,19 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_segment)
 
 
+def time_split(t: dict[str, float]) -> str:
+    """One line of a run's stages (seconds) and the share of the wall time outside the
+    network (worker-seconds of the network are spread over the tile stage's wall time)."""
+    parts = [f"{k} {t[k]:.2f} s" for k in ("setup", "tiles", "prepare", "network", "masks",
+                                            "read_wait", "records", "stitch_paint", "cells",
+                                            "measure", "total") if k in t]
+    total = t.get("total", 0.0)
+    network = t.get("network_wall", 0.0)
+    if total > 0:
+        parts.append(f"outside the network {100 * (1 - network / total):.0f}%")
+    return ", ".join(parts)
+
+
 def _is_batch(inputs: list[str]) -> bool:
     from pathlib import Path
 
@@ -181,6 +194,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         print(f"cellmask: warning: corrupt input {chunk} was segmented as empty", file=sys.stderr)
     log.info("%d objects in %.1f s; labels %s, measurements %s", result.objects,
              result.timings["total"], result.path, result.path / "measurements.csv")
+    log.info("where the time went: %s", time_split(result.timings))
     return 0
 
 
