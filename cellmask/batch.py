@@ -74,14 +74,12 @@ def output_names(inputs: list[Any], out_dir: Path) -> list[Path]:
     """One output per input in ``out_dir``: the input's whole name without its suffix +
     ``.cellmask.ome.zarr``; inputs sharing a name get their folder's name in front, then a
     number (names never collide)."""
-    from cellmask.pipeline import output_root
-    from cellmask.sources import ImageSource
+    from cellmask.pipeline import strip_image_suffix
 
     stems = []
     for k, item in enumerate(inputs):
         if isinstance(item, (str, Path)):
-            probe = ImageSource(None, kind="file", path=Path(item))
-            stems.append(output_root(probe, None).name[:-len(".cellmask.ome.zarr")])
+            stems.append(strip_image_suffix(Path(item).name))
         else:
             stems.append(f"image{k:04d}")
     names = []

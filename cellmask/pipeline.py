@@ -102,7 +102,7 @@ def output_root(src: ImageSource, output) -> Path:
                 and src.kind != "ome-zarr":
             raise InputError(f"output {out} is the input file: choose another output path")
         if out.name.lower().endswith((".tif", ".tiff")):  # labels as TIFF: the run's store
-            return out.with_name(_strip(out.name) + ".ome.zarr")  # is beside it
+            return out.with_name(strip_image_suffix(out.name) + ".ome.zarr")  # is beside it
         if out.name.lower().endswith(_IMAGE_SUFFIXES):
             raise InputError(f"output {out} names an image file, but cellmask writes an "
                              "OME-Zarr folder (or labels as .tif): pass --out NAME.ome.zarr")
@@ -111,11 +111,11 @@ def output_root(src: ImageSource, output) -> Path:
         return Path(src.group)
     if src.path is not None:
         p = Path(src.path)
-        return p.with_name(_strip(p.name) + ".cellmask.ome.zarr")
+        return p.with_name(strip_image_suffix(p.name) + ".cellmask.ome.zarr")
     raise InputError("an in-memory image needs output= (a path for the OME-Zarr labels)")
 
 
-def _strip(name: str) -> str:
+def strip_image_suffix(name: str) -> str:
     """``name`` without its image suffix (``plate.A1.tif`` -> ``plate.A1``)."""
     for suffix in _INPUT_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -278,6 +278,7 @@ class _Stages:
     def __init__(self, cfg: RunConfig, client, detector):
         self.cfg, self.client, self.detector = cfg, client, detector
         self.compartment_table = None
+        self._every: ImageSource | None = None
         self.t_start = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.corrupt: list[str] = []
@@ -602,7 +603,12 @@ class _Stages:
         self.timings["measure"] = time.perf_counter() - t2
 
     def _all_channels(self) -> ImageSource:
-        """The input with every channel (the segmented one is one of them)."""
+        """The input with every channel (the segmented one is one of them), opened once."""
+        if self._every is None:
+            self._every = self._open_all_channels()
+        return self._every
+
+    def _open_all_channels(self) -> ImageSource:
         cfg, source = self.cfg, self.source
         if isinstance(source, ImageSource):
             if source.path is None:
