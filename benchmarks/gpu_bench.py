@@ -34,10 +34,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def model_only(model, device: str, tile: int, batch: int, repeats: int = 5) -> float:
+def model_only(model, device: str, image: np.ndarray, tile: int, batch: int,
+               repeats: int = 5) -> float:
     from cellmask.normalize import normalize
 
-    image, _ = dense_mosaic(tile)
+    image = np.tile(image, (2, 2))[:tile, :tile]  # a tile of real nuclei (the mosaic is 2048)
     chw = normalize(image)
     model.detect_batch([chw] * batch)  # warm-up (cudnn autotuning, allocator)
     sync(device)
@@ -56,12 +57,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precisions", nargs="+", default=["fp32", "mixed", "bf16"])
     p.add_argument("--out", default=".")
+    p.add_argument("--data", help="annotated images (images/, masks/, splits/) for the mosaic "
+                   "(default: the project's DSB2018 folder)")
+    p.add_argument("--split", default="fluo_train.txt")
     args = p.parse_args()
     import zarr
 
-    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device: {name}; {describe()}", flush=True)
-    base, _ = dense_mosaic(2048)
+    machine = describe()  # CPU model, capability, threads (and the GPU's name when there is one)
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else machine
+    print(f"device: {name}; {machine}", flush=True)
+    base, _ = dense_mosaic(2048, **({"data": Path(args.data)} if args.data else {}),
+                           split=args.split)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes:
@@ -73,13 +79,13 @@ def main() -> None:
                     z[y:y + 2048, x:x + 2048] = base[:min(2048, size - y), :min(2048, size - x)]
             for precision in args.precisions:
                 model = cellmask.load_model(device=args.device, precision=precision)
-                mo = model_only(model, args.device, args.tile, args.batch)
+                mo = model_only(model, args.device, base, args.tile, args.batch)
                 t0 = time.perf_counter()
                 r = cellmask.segment_zarr(src, Path(d) / f"out_{size}_{precision}.zarr",
                                           model=model, tile=args.tile, batch_size=args.batch,
                                           progress=False)
                 total = time.perf_counter() - t0
-                row = {"device": name, "size": size, "precision": precision,
+                row = {"device": name, "machine": machine, "size": size, "precision": precision,
                        "objects": r.objects, "seconds": round(total, 2),
                        "end_to_end_mpx_s": round(size * size / 1e6 / total, 2),
                        "model_only_mpx_s": round(mo, 2),

@@ -6,5 +6,6 @@
 #   dry run here:  DEVICE=cpu SIZES="1024" PRECISIONS=fp32 bash benchmarks/gpu_bench.sh
 source "$(dirname "$0")/gpu_env.sh" .gpu/whl_bench "zarr, dask, monai"
 "$PY" benchmarks/gpu_bench.py --device "${DEVICE:-cuda}" --sizes ${SIZES:-8192 16384} \
-    --precisions ${PRECISIONS:-fp32 mixed bf16} --batch "${BATCH:-8}" --out "$OUT" 2>&1 \
+    --precisions ${PRECISIONS:-fp32 mixed bf16} --batch "${BATCH:-8}" --tile "${TILE:-1024}" --out "$OUT" \
+    ${DATA:+--data "$DATA" --split "${SPLIT:-train.txt}"} 2>&1 \
     | tee "$OUT/gpu_bench.log"

@@ -91,9 +91,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="tile batches in the network at once (default: 2 on a multi-core CPU, "
                         "1 on a GPU)")
     p.add_argument("--precision", default=None,
-                   choices=["auto", "fp32", "mixed", "bf16", "fp16"],
+                   choices=["auto", "fp32", "mixed", "bf16", "fp16", "int8"],
                    help="network arithmetic (default auto: mixed where the hardware has native "
-                        "half precision, else fp32)")
+                        "half precision, else int8 on CPUs for calibrated weights, else fp32)")
     p.add_argument("--scheduler", help="address of a dask.distributed scheduler")
     p.add_argument("--axes", help="axes of the input, e.g. CYX (default: from metadata)")
     p.add_argument("--channel", type=int, help="channel to segment")
@@ -204,7 +204,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="split list, e.g. splits/fluo_test.txt")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "mixed", "bf16", "fp16"])
+    p.add_argument("--precision", default=None,
+                   choices=["auto", "fp32", "mixed", "bf16", "fp16", "int8"])
     p.add_argument("--csv", help="also write the table here")
     p.set_defaults(func=_run_evaluate)
 
@@ -251,6 +252,26 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure the int8 activation ranges of a model on "
+                       "training images and write the weights with them")
+    p.add_argument("weights", help="a model name or weights.safetensors")
+    p.add_argument("--data", default="../shared/data/dsb2018")
+    p.add_argument("--split", default="splits/train.txt", help="a training split (never test)")
+    p.add_argument("--images", type=int, default=32, help="images spread over the split")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from cellmask.train.calibrate import calibrate_model
+
+    path, record = calibrate_model(args.weights, args.data, args.split, args.out,
+                                   images=args.images)
+    print(f"wrote {path}: {record}")
+    return 0
+
+
 def _add_export_geojson(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-geojson", help="write a cellmask output's objects as QuPath "
                        "GeoJSON (polygons with their measurements)")
@@ -283,7 +304,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
     for info in list_models():
         print(f"{info.name}: {info.summary}")
-        for key in ("modality", "pixel_size", "training_data", "licence", "accuracy"):
+        for key in ("modality", "pixel_size", "training_data", "licence", "accuracy",
+                    "int8_calibration"):
             print(f"    {key.replace('_', ' ')}: {getattr(info, key)}")
     return 0
 
@@ -312,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_export_geojson,
-                _add_models, _add_demo):
+    for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_calibrate,
+                _add_export_geojson, _add_models, _add_demo):
         add(sub)
     return parser
 

@@ -18,7 +18,8 @@ _MODELS: dict[str, object] = {}
 def _model_bytes(model) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()},
+    state = {**model.net.state_dict(), **model.calibration}
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()},
                 metadata={"config": model.config.to_json()})
 
 
@@ -34,14 +35,17 @@ def _worker_model(blob: bytes, digest: str, meta: dict, precision: str):
 
         from cellmask.config import ModelConfig
         from cellmask.model.network import build_network
+        from cellmask.model.quantize import split_calibration
         from cellmask.model.segmenter import Model
 
         header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
         net = build_network(ModelConfig.from_json(header["__metadata__"]["config"]))
-        net.load_state_dict(load(blob))
+        state, calibration = split_calibration(load(blob))
+        net.load_state_dict(state)
         torch.set_num_threads(1)  # one thread per worker process: the cluster parallelises
         _MODELS[key] = Model(net, ModelConfig.from_json(header["__metadata__"]["config"]),
-                             meta=meta, device="cpu", precision=precision)
+                             meta=meta, device="cpu", precision=precision,
+                             calibration=calibration)
     return _MODELS[key]
 
 

@@ -32,6 +32,8 @@ class ModelInfo:
     training_data: str
     licence: str
     accuracy: str
+    #: what the int8 activation ranges were measured on (``cellmask calibrate``), or "none"
+    int8_calibration: str = "none"
 
     @property
     def non_commercial(self) -> bool:
@@ -72,7 +74,7 @@ def describe(name: str, path: Path, meta: dict[str, str]) -> ModelInfo:
     return ModelInfo(name, path, meta.get("summary", "(no description in the file)"),
                      meta.get("modality", "not stated"), pixel,
                      meta.get("training_data", "not stated"), meta.get("licence", "not stated"),
-                     meta.get("accuracy", "not stated"))
+                     meta.get("accuracy", "not stated"), meta.get("int8_calibration", "none"))
 
 
 def list_models() -> list[ModelInfo]:

@@ -33,21 +33,37 @@ class Model:
 
     def __init__(self, net: torch.nn.Module, config: ModelConfig, *, name: str = "",
                  meta: dict[str, str] | None = None, device: torch.device | str = "cpu",
-                 precision: str = "auto"):
+                 precision: str = "auto", calibration: dict[str, torch.Tensor] | None = None,
+                 int8_runner: torch.nn.Module | None = None):
         self.device = pick_device(device)
+        #: int8 activation ranges stored with the weights (``cellmask calibrate``), or empty.
+        self.calibration = dict(calibration or {})
         if precision == "auto":
-            precision = auto_precision(self.device)
+            precision = auto_precision(self.device, bool(self.calibration))
         if precision not in PRECISIONS:
             raise InputError(f"precision must be auto, {', '.join(PRECISIONS)}, not {precision!r}")
         if precision == "mixed" and _half_dtype(self.device) is None:
             raise InputError(f"precision 'mixed' needs bf16 or fp16 arithmetic, which "
                              f"{self.device} lacks: use fp32")
+        if precision == "int8":
+            from cellmask.model.quantize import int8_supported
+
+            if self.device.type != "cpu" or not int8_supported():
+                raise InputError("precision 'int8' runs on CPUs with oneDNN only: use fp32")
+            if not self.calibration:
+                raise InputError(f"these weights ({name or 'given network'}) carry no int8 "
+                                 "calibration: run `cellmask calibrate` on them, or use fp32")
         self.precision = precision
         #: The network as trained (its state is what weights files, fingerprints and workers use).
         self.net = net.to(self.device).eval()
         #: The network that runs: a copy with batch norms folded into the convolutions and, on
         #: the CPU, NHWC activations (faster with oneDNN, measured). Same outputs up to rounding.
-        self.runner = _inference_copy(self.net, self.device, precision)
+        if precision == "int8" and int8_runner is not None:  # a copy for another thread
+            from cellmask.model.quantize import copy_runner
+
+            self.runner = copy_runner(int8_runner)
+        else:
+            self.runner = _inference_copy(self.net, self.device, precision, self.calibration)
         self.config = config
         self.name = name
         self.meta = dict(meta or {})
@@ -60,16 +76,18 @@ class Model:
         """A model sharing these weights with other inference thresholds (for tuning)."""
         config = dataclasses.replace(self.config, **changes)
         model = Model(self.net, config, name=self.name, meta=self.meta, device=self.device,
-                      precision=self.precision)
+                      precision=self.precision, calibration=self.calibration,
+                      int8_runner=self.runner if self.precision == "int8" else None)
         model._digest = self._digest
         return model
 
     @property
     def weights_digest(self) -> str:
-        """SHA-256 (hex, 16 digits) of the weights the running network was copied from."""
+        """SHA-256 (hex, 16 digits) of the weights (and int8 calibration) the running network
+        was copied from."""
         if self._digest is None:
             digest = hashlib.sha256()
-            for k, v in sorted(self.net.state_dict().items()):
+            for k, v in sorted({**self.net.state_dict(), **self.calibration}.items()):
                 digest.update(k.encode())
                 digest.update(v.detach().cpu().numpy().tobytes())
             self._digest = digest.hexdigest()[:16]
@@ -98,7 +116,7 @@ class Model:
         inputs = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         inputs = [(t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
                   for t in inputs]
-        if self.precision in ("fp32", "mixed"):  # "mixed" casts inside the runner
+        if self.precision in ("fp32", "mixed", "int8"):  # the runner casts for these
             outs = self.runner(inputs, cores)
         else:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -212,16 +230,24 @@ class Model:
 #: convolution, the RoI features, the box head's hidden layers and the mask branch in bf16
 #: (fp16 on GPUs without bf16), the FPN, the objectness and box-delta layers and the box
 #: classifier/regressor in float32 (measured on ``val``: as accurate as fp32, where full bf16
-#: is not); all bf16; all fp16.
-PRECISIONS = ("fp32", "mixed", "bf16", "fp16")
+#: is not); all bf16; all fp16; "int8": the trunk, the proposal head and the mask head in
+#: int8 on CPUs, with the activation ranges stored in the weights file
+#: (:mod:`cellmask.model.quantize`; measured on ``val`` and ``fluo_test``: within 0.003 AP@0.5
+#: of fp32).
+PRECISIONS = ("fp32", "mixed", "bf16", "fp16", "int8")
 
 
-def _inference_copy(net: torch.nn.Module, device: torch.device,
-                    precision: str) -> torch.nn.Module:
+def _inference_copy(net: torch.nn.Module, device: torch.device, precision: str,
+                    calibration: dict[str, torch.Tensor]) -> torch.nn.Module:
     from cellmask.model.inference import build_inference_network
 
-    return build_inference_network(net, device,
-                                   _half_dtype(device) if precision == "mixed" else None)
+    runner = build_inference_network(net, device,
+                                     _half_dtype(device) if precision == "mixed" else None)
+    if precision == "int8":
+        from cellmask.model.quantize import quantize_runner
+
+        quantize_runner(runner, calibration)
+    return runner
 
 
 def _half_dtype(device: torch.device) -> torch.dtype | None:
@@ -271,10 +297,17 @@ def resolve_scale(model: "Model", scale: float | None = None, diameter: float | 
     return factor
 
 
-def auto_precision(device: torch.device) -> str:
+def auto_precision(device: torch.device, calibrated: bool = False) -> str:
     """"mixed" where the hardware computes half precision natively (GPUs; CPUs with AVX-512 BF16
-    or AMX), else "fp32"."""
-    return "mixed" if _half_dtype(device) is not None else "fp32"
+    or AMX); else, on a CPU, "int8" for weights that carry an int8 calibration; else "fp32"."""
+    if _half_dtype(device) is not None:
+        return "mixed"
+    if calibrated and device.type == "cpu":
+        from cellmask.model.quantize import int8_supported
+
+        if int8_supported():
+            return "int8"
+    return "fp32"
 
 
 def load_model(name_or_path: str | Path = "nuclei", device: str = "auto",
@@ -282,10 +315,14 @@ def load_model(name_or_path: str | Path = "nuclei", device: str = "auto",
     """Load a named shipped model (default ``"nuclei"``) or a ``.safetensors`` file.
 
     ``precision``: one of :data:`PRECISIONS`, or "auto" (:func:`auto_precision`: "mixed" where
-    the hardware has native half precision, else "fp32").
+    the hardware has native half precision, else "int8" on CPUs for calibrated weights, else
+    "fp32").
     """
+    from cellmask.model.quantize import split_calibration
+
     path = resolve(name_or_path)
     state, config, meta = load_weights(path)
+    state, calibration = split_calibration(state)
     net = build_network(config)
     check_state(net.state_dict(), state, str(path))
     net.load_state_dict(state)
@@ -294,4 +331,4 @@ def load_model(name_or_path: str | Path = "nuclei", device: str = "auto",
         log.warning("model %s is licensed %s (trained on non-commercial data): not for "
                     "commercial use", name_or_path, meta["licence"])
     return Model(net, config, name=str(name_or_path), meta=meta, device=device,
-                 precision=precision)
+                 precision=precision, calibration=calibration)

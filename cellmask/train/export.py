@@ -67,7 +67,7 @@ def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
     :data:`cellmask.model.registry.CARD_KEYS`: modality, pixel size, data, licence, ...).
     Returns the written path and the tuned thresholds (with the objective they reached).
     """
-    model = load_model(weights, device="cpu")
+    model = load_model(weights, device="cpu", precision="fp32")  # the reference arithmetic
     if settings:
         types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
         model = model.with_config(**{k: int(v) if types[k] == "int" else float(v)
@@ -83,6 +83,7 @@ def export_model(weights: str | Path, data_dir: str | Path, split: str | Path,
                  "fixed_settings": json.dumps(settings or {}),
                  "tuned_thresholds": json.dumps(best), "tuning_objective": f"{value:.4f}"})
     meta.update({k: v for k, v in card.items() if k != "trained_diameter"})
-    path = save_weights(out, model.net.state_dict(), config, meta)
+    # thresholds do not change the activations: an int8 calibration stays valid
+    path = save_weights(out, {**model.net.state_dict(), **model.calibration}, config, meta)
     log.info("exported %s with thresholds %s (ap50+ap75 on %s = %.4f)", path, best, split, value)
     return path, {**best, "objective": value}

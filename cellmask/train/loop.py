@@ -25,6 +25,7 @@ from cellmask.device import pick_device
 from cellmask.errors import InputError
 from cellmask.model.network import build_network
 from cellmask.model.registry import CARD_KEYS
+from cellmask.model.quantize import split_calibration
 from cellmask.model.weights import check_state, load_weights, save_weights
 from cellmask.train.data import CropSampler, batches, load_samples
 
@@ -180,6 +181,8 @@ def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
         log.info("resuming from %s at step %d", checkpoint, start)
     elif init:
         state, init_cfg, init_meta = load_weights(init)
+        # int8 activation ranges describe the weights they were measured on, not the new ones
+        state, _ = split_calibration(state)
         inherited = {k: init_meta[k] for k in CARD_KEYS if k in init_meta}
         model_cfg = model_cfg or init_cfg
         log.info("fine-tuning from %s", init)

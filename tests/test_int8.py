@@ -1,0 +1,93 @@
+"""The int8 path: calibration stored in the weights file, same objects as float32, the process's
+quantised engine untouched, thread copies identical to the model they copy."""
+
+import numpy as np
+import pytest
+import torch
+from fixtures import load_fixture
+
+import cellmask
+from cellmask.errors import WeightsError
+from cellmask.metrics import Evaluation
+from cellmask.model.quantize import PREFIX, int8_supported
+from cellmask.model.segmenter import Model, auto_precision
+from cellmask.model.weights import load_weights, save_weights
+from cellmask.normalize import InputError
+from cellmask.train.calibrate import calibrate_model
+
+pytestmark = pytest.mark.skipif(not int8_supported(), reason="no oneDNN quantised kernels")
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    return cellmask.load_model(device="cpu", precision="int8")
+
+
+def _agreement(a: np.ndarray, b: np.ndarray, iou: float) -> float:
+    ev = Evaluation(thresholds=(iou,))
+    ev.add(a, b)
+    return float(ev.table()["ap"][0])
+
+
+def test_shipped_weights_carry_a_calibration_and_auto_uses_it_without_half_precision():
+    state, _, meta = load_weights(cellmask.model.registry.resolve("nuclei"))
+    assert sum(k.startswith(PREFIX) for k in state) > 100 and "int8_calibration" in meta
+    cpu = torch.device("cpu")
+    assert auto_precision(cpu, calibrated=False) in ("fp32", "mixed")
+    assert auto_precision(cpu, calibrated=True) in ("int8", "mixed")  # mixed: native bf16
+
+
+def test_int8_finds_the_objects_of_fp32_on_real_nuclei(int8_model):
+    fp32 = cellmask.load_model(device="cpu", precision="fp32")
+    for name in ("fluo_29dd28df98ee", "fluo_e23e11414ee6"):
+        image, truth = load_fixture(name)
+        a, b = fp32.segment(image), int8_model.segment(image)
+        assert b.max() > 20
+        assert _agreement(a, b, 0.5) >= 0.93  # the same nuclei
+        acc = [Evaluation(thresholds=(0.5,)) for _ in range(2)]
+        acc[0].add(truth, a)
+        acc[1].add(truth, b)
+        assert acc[1].table()["ap"][0] >= acc[0].table()["ap"][0] - 0.03  # no accuracy lost
+    # the calibration changes the arithmetic: the digest that run fingerprints use covers it
+    uncalibrated = Model(int8_model.net, int8_model.config, precision="fp32")
+    assert uncalibrated.weights_digest != int8_model.weights_digest
+
+
+def test_loading_int8_leaves_the_quantised_engine_as_it_was():
+    before = torch.backends.quantized.engine
+    cellmask.load_model(device="cpu", precision="int8")
+    assert torch.backends.quantized.engine == before
+
+
+def test_thread_copies_compute_what_the_model_computes(int8_model):
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    one = int8_model.segment(image, tile=256, workers=1)
+    two = int8_model.segment(image, tile=256, workers=2)  # two copies, built while others run
+    assert one.max() > 20 and np.array_equal(one, two)
+
+
+def test_calibrate_writes_ranges_that_load_and_refuses_test_splits(dataset_dir, tmp_path):
+    out = tmp_path / "calibrated.safetensors"
+    with pytest.raises(InputError, match="training split"):
+        calibrate_model("nuclei", dataset_dir, "splits/test.txt", out)
+    path, record = calibrate_model("nuclei", dataset_dir, "splits/train.txt", out, images=2)
+    assert record["images"] == 2 and record["tensors"] > 100
+    model = cellmask.load_model(path, device="cpu", precision="int8")
+    image, _ = load_fixture("fluo_29dd28df98ee")
+    assert model.segment(image).max() > 20
+
+
+def test_broken_or_missing_calibration_is_refused(tmp_path):
+    state, config, meta = load_weights(cellmask.model.registry.resolve("nuclei"))
+    net_only = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    model = cellmask.load_model(device="cpu", precision="fp32")
+    with pytest.raises(InputError, match="calibrate"):
+        Model(model.net, model.config, precision="int8")
+    key = next(k for k in state if k.startswith(PREFIX) and k.endswith("histogram"))
+    for bad in ({**net_only, key: state[key]},  # most of the ranges missing
+                {**state, key: torch.full_like(state[key], float("nan"))},
+                {**state, key: state[key][:10].clone()}):
+        path = save_weights(tmp_path / "bad.safetensors", bad, config,
+                            {k: v for k, v in meta.items() if k not in ("format", "config")})
+        with pytest.raises(WeightsError, match="calibration"):
+            cellmask.load_model(path, device="cpu", precision="int8")
