@@ -11,15 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_runs_end_to_end_on_the_cpu(dataset_dir, tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "SIZES": "512", "PRECISIONS": "fp32", "BATCH": "2", "TILE": "256",
+    env = {**os.environ, "DEVICE": "cpu", "SIZES": "256", "PRECISIONS": "fp32", "BATCH": "1", "TILE": "256",
            "PY": sys.executable, "OUT": str(tmp_path / "out"), "DATA": str(dataset_dir),
            "SPLIT": "train.txt"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_bench.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
-    assert [(r["size"], r["precision"]) for r in rows] == [(512, "fp32")]
+    assert [(r["size"], r["precision"]) for r in rows] == [(256, "fp32")]
     row = rows[0]
-    assert row["objects"] > 50 and row["end_to_end_mpx_s"] > 0
+    assert row["objects"] > 10 and row["end_to_end_mpx_s"] > 0
     assert "CPU capability" in row["machine"] and row["device"] == row["machine"]
     assert "CPU capability" in (tmp_path / "out" / "gpu_bench.log").read_text()

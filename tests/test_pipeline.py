@@ -372,15 +372,24 @@ def test_aperio_svs_region(tmp_path, shipped_model):
     assert result.objects > 500  # an H&E region full of nuclei
 
 
-def test_batched_tiles_give_the_same_labels(tmp_path, shipped_model):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_batched_tiles_give_the_same_labels(tmp_path, precision):
+    from cellmask.model.quantize import int8_supported
+
+    if precision == "int8" and not int8_supported():
+        pytest.skip("no oneDNN quantised kernels")
+    model = cellmask.load_model(device="cpu", precision=precision)
     image, _ = load_fixture("fluo_e23e11414ee6")
-    one = cellmask.segment_zarr(image, tmp_path / "a.zarr", model=shipped_model, tile=256,
+    one = cellmask.segment_zarr(image, tmp_path / "a.zarr", model=model, tile=256,
                                 halo=64, batch_size=1, progress=False, measure=False)
-    four = cellmask.segment_zarr(image, tmp_path / "b.zarr", model=shipped_model, tile=256,
+    four = cellmask.segment_zarr(image, tmp_path / "b.zarr", model=model, tile=256,
                                  halo=64, batch_size=4, progress=False, measure=False)
-    ev = Evaluation(thresholds=(0.9,))
+    ev = Evaluation(thresholds=(0.5, 0.9))
     ev.add(np.asarray(one.labels), np.asarray(four.labels))
-    assert ev.table()["ap"][0] >= 0.97  # batches pad tiles to one size: same objects
+    ap = ev.table()["ap"]
+    # batches pad tiles to one size: the same objects; fp32 masks agree to rounding, while the
+    # int8 kernels round differently for another batch size (measured: 95% identical at 0.9)
+    assert ap[0] >= 0.97 and ap[1] >= (0.97 if precision == "fp32" else 0.9)
 
 
 def test_bf16_autocast_runs_and_agrees(shipped_model):
