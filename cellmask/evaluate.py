@@ -16,10 +16,14 @@ from cellmask.train.data import read_split
 log = logging.getLogger(__name__)
 
 
-def iter_split(data_dir: str | Path, split: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(name, image, ground-truth labels)`` for every id of a split, read lazily."""
+def iter_split(data_dir: str | Path, split: str | Path,
+               only: set[str] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, image, ground-truth labels)`` for every id of a split (or of those in
+    ``only``), read lazily."""
     data_dir = Path(data_dir)
     for name in read_split(data_dir, split):
+        if only is not None and name not in only:
+            continue
         yield (name, tifffile.imread(data_dir / "images" / f"{name}.tif"),
                tifffile.imread(data_dir / "masks" / f"{name}.tif"))
 

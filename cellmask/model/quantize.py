@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import threading
 import warnings
 from collections import OrderedDict
@@ -35,14 +34,10 @@ from torch import nn
 from cellmask.errors import WeightsError
 from cellmask.model.network import MASK_CHUNK
 
-log = logging.getLogger(__name__)
-
 #: The quantised kernels: oneDNN. The x86/fbgemm kernels on AVX2 lose precision in their
 #: 16-bit intermediate sums (measured: 50% mean relative error on the FPN output against 15%).
 ENGINE = "onednn"
 PREFIX = "int8."
-#: The parts that run in int8, by name in the weights file.
-PARTS = ("trunk", "rpn_head", "mask_head")
 #: FX tracing patches module-level state: tile workers build their copies one at a time.
 _TRACE_LOCK = threading.Lock()
 

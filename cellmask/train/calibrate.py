@@ -36,9 +36,8 @@ def calibrate_model(weights: str | Path, data_dir: str | Path, split: str | Path
 
     def run_images() -> None:
         with torch.inference_mode():
-            for name, image, _ in iter_split(Path(data_dir), split):
-                if name in chosen:
-                    model.segment(image, workers=1)  # one network: the observing one
+            for _, image, _ in iter_split(Path(data_dir), split, only=chosen):
+                model.segment(image, workers=1)  # one network: the observing one
 
     tensors = calibrate(model.runner, run_images)
     meta = {k: v for k, v in model.meta.items() if k not in ("format", "config")}
