@@ -50,23 +50,25 @@ def _worker_model(blob: bytes, digest: str, meta: dict, precision: str):
 
 
 def _task(blob, digest, meta, precision, source, tile, appearance: dict, scale, record: str,
-          skip_corrupt: bool) -> tuple[int, list[str]]:
+          skip_corrupt: bool, level: int) -> tuple[int, list[str]]:
     from cellmask.appearance import Appearance
     from cellmask.engine import detect_tiles, read_window
     from cellmask.labels_store import save_npz_atomic
 
     model = _worker_model(blob, digest, meta, precision)
-    window, corrupt = read_window(source, tile.window, skip_corrupt)
+    window, corrupt = read_window(source, tile.window, skip_corrupt, level)
     (inst,) = detect_tiles(model, source, [tile], Appearance.from_dict(appearance), scale,
-                           [window])
+                           [window], level=level)
     save_npz_atomic(Path(record), inst.to_arrays())
     return len(inst), corrupt
 
 
-def run_tiles(client, model, source, tiles, appearance, scale, folder, skip_corrupt=False):
+def run_tiles(client, model, source, tiles, appearance, scale, folder, skip_corrupt=False,
+              level: int = 0):
     """Yield ``(objects, tile, corrupt chunk names)`` as the cluster finishes each tile; each
     task writes its tile's record into ``folder`` (a :class:`~cellmask.run_state.RunFolder`
-    on a file system every worker sees), with the run's precision and ``skip_corrupt``."""
+    on a file system every worker sees), with the run's precision, ``skip_corrupt`` and
+    pyramid ``level``."""
     from dask.distributed import as_completed
 
     blob = _model_bytes(model)
@@ -78,7 +80,7 @@ def run_tiles(client, model, source, tiles, appearance, scale, folder, skip_corr
     for tl in tiles:
         fut = client.submit(_task, blob_future, digest, meta, model.precision, src_future, tl,
                             appearance.to_dict(), scale, str(folder.record_path(tl)),
-                            skip_corrupt, pure=False)
+                            skip_corrupt, level, pure=False)
         futures[fut] = tl
     for fut in as_completed(futures):
         found, corrupt = fut.result()

@@ -33,7 +33,8 @@ import numpy as np
 
 from cellmask.appearance import Appearance
 from cellmask.config import RunConfig
-from cellmask.engine import TileTimer, WindowReader, read_window, tile_workers
+from cellmask.engine import (TileTimer, WindowReader, pyramid_level, read_window,
+                             tile_workers)
 from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F401
 from cellmask.labels_store import (DATASETS, check_shape, create_image, create_labels,
                                    fsync_tree, labels_level0, read_json, save_npz_atomic,
@@ -191,26 +192,30 @@ def _check_writable(root: Path) -> None:
 
 
 def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
-               corrupt: list[str]) -> dict:
+               corrupt: list[str], level: int = 0) -> dict:
     """What a run decided, stored in the labels' attributes: the model, the modality and its
-    stain vectors, the scale used and the input's pixel size."""
+    stain vectors, the scale used, the pyramid level the network read and the input's pixel
+    size."""
     record = {"model": model.name or "?", "model_digest": model.weights_digest,
               "modality": appearance.modality, "appearance": appearance.to_dict(),
               "scale": scale, "input_pixel_size_um": list(src.pixel_size_um or []) or None,
-              "model_pixel_size_um": model.pixel_size}
+              "model_pixel_size_um": model.pixel_size, "pyramid_level": level}
     if corrupt:
         record["corrupt_input_chunks"] = corrupt
     return record
 
 
 def fingerprint(src: ImageSource, survey: Survey, model, cfg: RunConfig, scale: float,
-                batch: int) -> dict:
-    """The run's identity: its input, its model and every setting of its arithmetic."""
+                batch: int, threads: int, level: int = 0) -> dict:
+    """The run's identity: its input, its model and every setting of its arithmetic
+    (``threads``: torch threads per network pass, which set the rounding of some kernels, such
+    as oneDNN's int8 convolutions on AVX-512)."""
     return {"input": source_identity(src, survey.digest),
             "model": {"digest": model.weights_digest,
                       "config": json.loads(model.config.to_json())},
             "settings": {**cfg.arithmetic(), "scale": scale, "batch": batch,
-                         "precision": model.precision, "device": model.device.type},
+                         "precision": model.precision, "device": model.device.type,
+                         "threads_per_pass": threads, "pyramid_level": level},
             "appearance": survey.appearance.to_dict()}
 
 
@@ -313,9 +318,12 @@ class _Stages:
         self.model = model
         px_um = self.src.pixel_size_um
         self.scale = resolve_scale(model, cfg.scale, cfg.diameter, px_um[1] if px_um else None)
-        log.info("scale %.4g (input pixel %s, model trained at %s)", self.scale,
+        # the network reads the pyramid level nearest its scale (a detector sees level 0)
+        self.level = pyramid_level(self.src, self.scale) if self.detector is None else 0
+        log.info("scale %.4g (input pixel %s, model trained at %s)%s", self.scale,
                  f"{px_um[1]:g} um" if px_um else "size unknown",
-                 f"{model.pixel_size:g} um" if model.pixel_size else "no stated pixel size")
+                 f"{model.pixel_size:g} um" if model.pixel_size else "no stated pixel size",
+                 f"; reading pyramid level {self.level}" if self.level else "")
         self.group_dir = self.root / "labels" / cfg.name
         self.folder = RunFolder(self.group_dir)
         self.batch = max(1, cfg.batch_size or model.default_batch_size())
@@ -337,6 +345,7 @@ class _Stages:
         """Tiles, the lock, the fingerprint check, and which tiles are left to detect."""
         cfg = self.cfg
         self.tiles = plan_tiles(self.src.shape, cfg.tile, cfg.halo)
+        self.n_workers = tile_workers(self.model, len(self.tiles), self.batch, cfg.workers)
         check_shape(self.root, cfg.name, self.src.shape)
         try:
             self.folder.lock()
@@ -360,7 +369,10 @@ class _Stages:
         self.corrupt = list(read_json(self.folder.dir / "corrupt.json") or [])
 
     def _check_previous(self) -> None:
-        fp = fingerprint(self.src, self.look, self.model, self.cfg, self.scale, self.batch)
+        from cellmask.workers import pass_threads  # torch: loaded with the model by now
+
+        fp = fingerprint(self.src, self.look, self.model, self.cfg, self.scale, self.batch,
+                         pass_threads(self.n_workers), self.level)
         self.fp = fp
         previous = self.folder.previous()
         has_records = any(self.folder.tiles_dir.glob("*.npz"))
@@ -421,7 +433,7 @@ class _Stages:
         for tl in self.skipped:  # no tissue: an ordinary, empty tile record
             save_npz_atomic(folder.record_path(tl), empty)
         groups = [self.todo[k:k + self.batch] for k in range(0, len(self.todo), self.batch)]
-        n_workers = tile_workers(self.model, len(self.tiles), self.batch, cfg.workers)
+        n_workers = self.n_workers
         limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
         self.group = self._create_output()
         self.timings["setup"] = time.perf_counter() - self.t_start
@@ -443,15 +455,15 @@ class _Stages:
 
             for n_found, tl, bad in run_tiles(self.client, self.model, self.src, self.todo,
                                               self.appearance, self.scale, folder,
-                                              cfg.skip_corrupt):
+                                              cfg.skip_corrupt, self.level):
                 self._note_corrupt(bad)
                 yield progress(tl, n_found)
         elif groups:
             from cellmask.workers import ModelThreads
 
             timer = TileTimer(split)
-            with WindowReader(self.src, cfg.skip_corrupt, ahead=n_workers + 2) as reader, \
-                    ModelThreads(self.model, n_workers) as pool:
+            with WindowReader(self.src, cfg.skip_corrupt, n_workers + 2,
+                              self.level) as reader, ModelThreads(self.model, n_workers) as pool:
                 reader.start(groups)
                 # reading runs ahead of the network; up to ``n_workers`` batches are in the
                 # network at once (tiles are independent; records are per tile)
@@ -465,7 +477,7 @@ class _Stages:
                         self._note_corrupt(bad)
                     running.append((batch_tiles, pool.submit(
                         timer.detect, self.detector, self.src, batch_tiles,
-                        [w for w, _ in read_out], self.appearance, self.scale)))
+                        [w for w, _ in read_out], self.appearance, self.scale, self.level)))
                     del read_out
                     # one batch more than workers in flight: a worker that finishes finds
                     # its next batch queued while this thread saves the finished one
@@ -644,7 +656,8 @@ class _Stages:
     def finish(self) -> None:
         """Record how the labels were made, make every written chunk durable, mark done."""
         write_json_atomic(self.folder.dir / "corrupt.json", self.corrupt)
-        record = run_record(self.model, self.appearance, self.scale, self.src, self.corrupt)
+        record = run_record(self.model, self.appearance, self.scale, self.src, self.corrupt,
+                            self.level)
         if self.cell_px:
             record["cell_expansion_um"] = self.cfg.cell_expansion
             record["cell_expansion_px"] = self.cell_px

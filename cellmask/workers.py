@@ -19,6 +19,11 @@ from typing import Callable
 import torch
 
 
+def pass_threads(workers: int) -> int:
+    """torch threads of each network pass when ``workers`` passes run at once."""
+    return max(1, torch.get_num_threads() // max(1, int(workers)))
+
+
 class ModelThreads:
     """``with ModelThreads(model, workers) as pool: pool.submit(fn, *args)`` runs
     ``fn(model_copy, *args)`` in one of ``workers`` threads; ``workers=1`` uses ``model``.
@@ -31,7 +36,7 @@ class ModelThreads:
         self.model = model
         self.workers = max(1, int(workers))
         self.total = torch.get_num_threads()
-        self.threads = max(1, self.total // self.workers)
+        self.threads = pass_threads(self.workers)
         self._local = threading.local()
         self._borrowed: list = []
         self._pool: ThreadPoolExecutor | None = None

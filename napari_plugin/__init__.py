@@ -4,12 +4,28 @@ OME-Zarr / TIFF / SVS, labels writers, and sample data.
 This package only wires :mod:`cellmask` to the viewer; the core never imports it (nor napari).
 """
 
+import importlib.util
 import sys
 
-# With CUDA builds of PyTorch, importing torchvision's operators loads Triton's bundled LLVM.
-# When napari has already created an OpenGL context on Mesa (software rendering, VMs, Xvfb),
-# Mesa's own LLVM is loaded, and Triton's static constructors then crash the process
-# (segmentation fault in llvm::DebugCounter). The plugin never compiles kernels, so inside the
-# viewer Triton is marked unavailable before torch looks for it; torch then runs without it.
-if "triton" not in sys.modules and "torch._dynamo" not in sys.modules:
+
+def import_torch_without_triton() -> None:
+    """Import torch and torchvision with Triton hidden, then leave ``sys.modules`` as it was.
+
+    With CUDA builds of PyTorch, importing torchvision's operators loads Triton's bundled LLVM.
+    When napari has already created an OpenGL context on Mesa (software rendering, VMs, Xvfb),
+    Mesa's own LLVM is loaded, and Triton's static constructors then crash the process
+    (segmentation fault in llvm::DebugCounter). The plugin never compiles kernels, so while
+    torch and torchvision load, Triton is marked unavailable; the mark is removed afterwards,
+    so other code in the process imports Triton as it would without the plugin. Nothing is
+    touched where Triton is not installed, or torch is already loaded.
+    """
+    if "torch" in sys.modules or "triton" in sys.modules \
+            or importlib.util.find_spec("triton") is None:
+        return
     sys.modules["triton"] = None  # type: ignore[assignment]
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    finally:
+        if "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]

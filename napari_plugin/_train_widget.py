@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, Label, ProgressBar, PushButton,
                               SpinBox)
+from napari_plugin import import_torch_without_triton
+
+import_torch_without_triton()  # before cellmask loads torch: see its docstring
 
 
 class TrainWidget(Container):

@@ -19,6 +19,9 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
 
 from cellmask.appearance import MODALITIES
 from cellmask.model.registry import DEFAULT, MODELS
+from napari_plugin import import_torch_without_triton
+
+import_torch_without_triton()  # before cellmask loads torch: see its docstring
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,22 @@ def test_batch_size_and_precision_are_in_the_fingerprint(tmp_path):
         _oracle_run(image, truth, tmp_path / "o.zarr", batch_size=2)
     fp = json.loads((tmp_path / "o.zarr/labels/cellmask/.run/run.json").read_text())
     assert fp["fingerprint"]["settings"]["precision"] == _tiny_model().precision
+    assert fp["fingerprint"]["settings"]["threads_per_pass"] >= 1
     assert fp["fingerprint"]["model"]["digest"] == _tiny_model().weights_digest
+
+
+def test_threads_per_network_pass_are_in_the_fingerprint(tmp_path):
+    import torch
+
+    image, truth = load_fixture("fluo_29dd28df98ee")
+    total = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _oracle_run(image, truth, tmp_path / "o.zarr", workers=1)
+        with pytest.raises(OutputConflict, match=r"settings.threads_per_pass: 2 -> 1"):
+            _oracle_run(image, truth, tmp_path / "o.zarr", workers=2)
+    finally:
+        torch.set_num_threads(total)
 
 
 def _foreign_labels(root: Path):

@@ -148,3 +148,57 @@ def test_same_tissue_at_two_pixel_sizes_gives_the_same_nuclei(tmp_path, shipped_
     ious = matched_ious(iou_matrix(fine, back), 0.5)
     assert len(ious) >= 0.9 * n_fine
     assert ious.mean() >= 0.8
+
+
+def _ngff_pyramid(path, levels, pixel):
+    """An NGFF 0.5 image whose level k is ``levels[k]`` at ``pixel * 2**k`` um."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    datasets = []
+    for k, data in enumerate(levels):
+        root.create_array(str(k), data=data, chunks=(128, 128))
+        datasets.append({"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [pixel * 2 ** k] * 2}]})
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes,
+                                                            "datasets": datasets}]}
+    return path
+
+
+def test_a_close_pyramid_level_is_read_instead_of_resampling_level_0(tmp_path, shipped_model):
+    """A slide at 0.25 um/px with a 2x level, segmented by a model trained at 0.5 um/px:
+    the network reads level 1 (the slide's own pixels, no resampling) and the labels are
+    written at level 0 with the slide's pixel size; they are the nuclei of level 1 alone,
+    brought to level 0."""
+    model = shipped_model.with_config()
+    model.meta["pixel_size_um"] = "0.5"
+    image, _ = load_fixture("fluo_e23e11414ee6")  # 520 x 696
+    fine = np.kron(image, np.ones((2, 2), image.dtype))
+    slide = _ngff_pyramid(tmp_path / "slide.ome.zarr", [fine, image], 0.25)
+    result = cellmask.segment_zarr(slide, tmp_path / "out.ome.zarr", model=model, tile=2048,
+                                   progress=False, measure=False)
+    attrs = zarr.open_group(str(result.path), mode="r").attrs["cellmask"]
+    assert attrs["scale"] == pytest.approx(0.5) and attrs["pyramid_level"] == 1
+    labels = np.asarray(result.labels)
+    assert labels.shape == fine.shape
+    alone = _ngff_pyramid(tmp_path / "level1.ome.zarr", [image], 0.5)
+    direct = np.asarray(cellmask.segment_zarr(alone, tmp_path / "l1.ome.zarr", model=model,
+                                              progress=False, measure=False).labels)
+    n, n_direct = len(np.unique(labels)) - 1, len(np.unique(direct)) - 1
+    assert n_direct > 50 and abs(n - n_direct) <= 0.01 * n_direct
+    ious = matched_ious(iou_matrix(labels, np.kron(direct, np.ones((2, 2), direct.dtype))), 0.5)
+    assert len(ious) >= 0.98 * n_direct and ious.mean() >= 0.9
+
+
+def test_pyramid_level_choice(tmp_path):
+    from cellmask.engine import level_region, pyramid_level, read_window
+
+    image, _ = load_fixture("fluo_e23e11414ee6")
+    levels = [np.kron(image, np.ones((4, 4), image.dtype)),
+              np.kron(image, np.ones((2, 2), image.dtype)), image]
+    src = open_image(_ngff_pyramid(tmp_path / "p.ome.zarr", levels, 0.25))
+    assert [pyramid_level(src, s) for s in (1.0, 0.9, 0.6, 0.5, 0.48, 0.3, 0.25, 0.1)] == \
+        [0, 0, 0, 1, 1, 1, 2, 2]
+    # a level-0 region maps onto the level's pixels that cover it, and reads them
+    assert level_region(src, (5, 13, 0, 8), 2) == (1, 4, 0, 2)
+    pixels, corrupt = read_window(src, (8, 16, 4, 12), level=2)
+    assert corrupt == [] and np.array_equal(pixels[..., 0], image[2:4, 1:3])

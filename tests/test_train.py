@@ -60,6 +60,18 @@ def test_fine_tune_from_init(dataset_dir, tiny_config, tmp_path):
     assert cfg == tiny_config
 
 
+@pytest.mark.parametrize("split, more", [("splits/test.txt", ()),
+                                         ("splits/train.txt", (("d", "fluo_test.txt", 0.3),))])
+def test_training_refuses_test_splits(dataset_dir, tiny_config, tmp_path, split, more):
+    from cellmask.errors import InputError
+
+    cfg = TrainConfig(data=str(dataset_dir), split=split, more_data=more, iterations=1,
+                      out=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(InputError, match="refusing to train on a test split"):
+        train(cfg, tiny_config, progress=False)
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
+
+
 def test_missing_split_is_a_clear_error(dataset_dir):
     with pytest.raises(FileNotFoundError, match="split list"):
         load_samples(dataset_dir, "splits/nope.txt")
@@ -137,3 +149,43 @@ def test_training_restores_the_process_torch_settings(dataset_dir, tiny_config, 
     train(cfg, tiny_config, progress=False)
     assert torch.get_num_threads() == before
     assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+
+
+@pytest.mark.parametrize("name", ["histo_0e4c2e2780de", "fluo_29dd28df98ee"])
+def test_threshold_tuning_scores_what_a_run_paints(shipped_model, name):
+    """Tuning re-paints the detections of a run (same appearance, tiles, scale): painted
+    with the model's own thresholds they are the labels a run gives."""
+    from fixtures import load_fixture
+
+    from cellmask.engine import image_instances
+    from cellmask.train.tune import GRID, _apply, _Raw
+
+    image, gt = load_fixture(name)
+    c = shipped_model.config
+    assert c.nms_thresh == max(GRID["nms_thresh"]) and c.score_thresh >= min(GRID["score_thresh"])
+    permissive = shipped_model.with_config(score_thresh=min(GRID["score_thresh"]),
+                                           nms_thresh=max(GRID["nms_thresh"]))
+    raw = _Raw(gt, image_instances(permissive, image))
+    assert (raw.inst.scores < c.score_thresh).any()  # permissive: more than the run keeps
+    params = {k: getattr(c, k) for k in GRID}
+    np.testing.assert_array_equal(_apply(raw, params, c.min_area), shipped_model.segment(image))
+
+
+def test_threshold_tuning_refuses_test_splits_and_improves_its_objective(shipped_model,
+                                                                          dataset_dir):
+    from cellmask.errors import InputError
+    from cellmask.train.tune import tune_thresholds
+
+    with pytest.raises(InputError, match="test split"):
+        tune_thresholds(shipped_model, dataset_dir, "splits/fluo_test.txt")
+    from cellmask.evaluate import evaluate_split
+    from cellmask.train.tune import objective
+
+    # the search starts from the model's thresholds, scored as the accuracy benchmark scores
+    start = objective(evaluate_split(shipped_model, dataset_dir, "splits/val.txt"))
+    best, value = tune_thresholds(shipped_model, dataset_dir, "splits/val.txt", rounds=1)
+    assert set(best) == {"score_thresh", "nms_thresh", "mask_thresh", "min_visible_fraction"}
+    assert start - 1e-9 <= value <= 2
+    tuned = shipped_model.with_config(**best)
+    assert objective(evaluate_split(tuned, dataset_dir, "splits/val.txt")) \
+        == pytest.approx(value, abs=1e-9)

@@ -17,9 +17,7 @@ from cellmask.model.network import (build_network, set_inference_thresholds)
 from cellmask.model.paint import Instances, paint
 from cellmask.model.registry import is_non_commercial, resolve
 from cellmask.model.weights import check_state, load_weights
-from cellmask.appearance import estimate
-from cellmask.normalize import InputError, as_channels_first, sample_pixels
-from cellmask.tiling import plan_tiles
+from cellmask.normalize import InputError
 
 log = logging.getLogger(__name__)
 
@@ -152,36 +150,6 @@ class Model:
         """1 on the CPU (batching saves no time there but multiplies memory), 8 on a GPU."""
         return 1 if self.device.type == "cpu" else 8
 
-    def detect(self, chw: np.ndarray, *, tile: int = 1024, halo: int = 64,
-               batch_size: int | None = None, workers: int | None = None) -> Instances:
-        """Instances of a normalised float32 ``(3, H, W)`` image, in its pixel frame.
-
-        Images larger than ``tile`` are cut into tiles (core + ``halo``); each instance is kept
-        only by the tile whose core holds its box centre, so none is lost or counted twice when
-        objects are smaller than the halo. ``batch_size`` tiles go through the network at once,
-        ``workers`` batches at a time (default :meth:`default_workers`).
-        """
-        from cellmask.workers import ModelThreads
-
-        batch_size = batch_size or self.default_batch_size()
-        tiles = plan_tiles(chw.shape[1:], tile, halo)
-        batches = [tiles[k:k + batch_size] for k in range(0, len(tiles), batch_size)]
-
-        def run(model: "Model", batch) -> list[Instances]:
-            crops = [chw[:, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in batch]
-            cores = [t.local_core for t in batch]
-            return [inst.shifted(t.window[0], t.window[2]).owned_by(t)
-                    for t, inst in zip(batch, model.detect_batch(crops, cores))]
-
-        n = min(len(batches), workers or self.default_workers())
-        if n <= 1:
-            parts = [inst for b in batches for inst in run(self, b)]
-        else:
-            with ModelThreads(self, n) as pool:
-                futures = [pool.submit(run, b) for b in batches]
-                parts = [inst for f in futures for inst in f.result()]
-        return Instances.concatenate(parts, 2 * self.config.mask_roi_size)
-
     def paint(self, inst: Instances, shape: tuple[int, int]) -> np.ndarray:
         """Label image ``(H, W)`` int32 of ``inst`` with this model's painting thresholds."""
         c = self.config
@@ -194,13 +162,6 @@ class Model:
         known are rescaled to it."""
         value = float(self.meta.get("pixel_size_um", 0) or 0)
         return value if value > 0 else None
-
-    def network_input(self, image: np.ndarray, modality: str = "auto") -> np.ndarray:
-        """An in-memory image ``(H, W)`` / ``(H, W, C)`` as this model's network sees it:
-        float32 ``(3, H, W)`` through the :class:`~cellmask.appearance.Appearance` estimated
-        once from the whole image."""
-        chw = as_channels_first(image)
-        return estimate(sample_pixels(chw), modality, self.config.norm_percentiles).apply(chw)
 
     def segment(self, image: np.ndarray, scale: float | None = None, *,
                 diameter: float | None = None, pixel_size: float | None = None,

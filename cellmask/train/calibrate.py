@@ -13,7 +13,7 @@ from cellmask.model.quantize import calibrate
 from cellmask.model.segmenter import load_model
 from cellmask.model.weights import save_weights
 from cellmask.normalize import InputError
-from cellmask.train.data import read_split
+from cellmask.train.data import read_split, refuse_test_split
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ def calibrate_model(weights: str | Path, data_dir: str | Path, split: str | Path
     with the float32 network of ``weights``, record the activation ranges of its int8 parts and
     write ``out``: the same weights, thresholds and card, plus the int8 calibration.
     Returns the written path and what was recorded (images, tensors, seconds)."""
-    if "test" in Path(split).name:
-        raise InputError(f"calibrate on a training split, not {split}")
+    refuse_test_split(split, "calibrate", "a training split")
     names = read_split(Path(data_dir), split)
     if not names or images < 1:
         raise InputError(f"{split} has no images to calibrate on (or --images < 1)")

@@ -59,6 +59,13 @@ def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
     return Sample(name, app.apply(chw), labels, stain)
 
 
+def refuse_test_split(split: str | Path, purpose: str, instead: str) -> None:
+    """Raise :class:`InputError` if ``split`` is a test split (its file name says "test"):
+    training, threshold tuning and calibration never see the images accuracy is measured on."""
+    if "test" in Path(str(split)).name:
+        raise InputError(f"refusing to {purpose} on a test split ({split}): use {instead}")
+
+
 def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
     """Image ids listed in ``split`` (a path, or a path relative to ``data_dir``)."""
     path = Path(split)

@@ -27,7 +27,7 @@ from cellmask.model.network import build_network
 from cellmask.model.registry import CARD_KEYS
 from cellmask.model.quantize import split_calibration
 from cellmask.model.weights import check_state, load_weights, save_weights
-from cellmask.train.data import CropSampler, batches, load_samples
+from cellmask.train.data import CropSampler, batches, load_samples, refuse_test_split
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def training_samples(cfg: TrainConfig, percentiles: tuple[float, float]
                      ) -> tuple[list, list[float] | None]:
     """The samples of ``cfg.data``/``cfg.split`` and of every ``cfg.more_data`` set, and each
     sample's drawing weight (None: uniform, when there is one set)."""
+    for split in [cfg.split] + [more[1] for more in cfg.more_data]:
+        refuse_test_split(split, "train", "a training split")
     samples = load_samples(cfg.data, cfg.split, percentiles)
     if not cfg.more_data:
         return samples, None

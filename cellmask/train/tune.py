@@ -1,8 +1,10 @@
 """Choosing inference thresholds on a validation split (never on a test split).
 
-The network runs once per image with permissive thresholds; each candidate setting then only
-re-filters, re-runs NMS and re-paints those detections, so a search costs seconds, not a
-re-inference per setting. The search is coordinate ascent over a small grid per threshold.
+The network runs once per image with permissive thresholds, through the tile engine of every
+run (:func:`cellmask.engine.image_instances`: the same appearance, tiles and scale); each
+candidate setting then only re-filters, re-runs NMS and re-paints those detections, so a search
+costs seconds, not a re-inference per setting. The search is coordinate ascent over a small
+grid per threshold.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from cellmask.errors import InputError
+from cellmask.engine import image_instances
 from cellmask.evaluate import iter_split
 from cellmask.metrics import Evaluation
 from cellmask.model.paint import Instances, paint
+from cellmask.train.data import refuse_test_split
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,12 @@ def _apply(raw: _Raw, p: dict[str, float], min_area: int) -> np.ndarray:
 def tune_thresholds(model, data_dir: str | Path, split: str | Path,
                     rounds: int = 2) -> tuple[dict[str, float], float]:
     """Best thresholds on ``split`` and the objective they reach."""
-    if "test" in Path(str(split)).name:
-        raise InputError(f"refusing to tune thresholds on a test split ({split}): use val")
+    refuse_test_split(split, "tune thresholds", "a validation split")
     permissive = model.with_config(score_thresh=min(GRID["score_thresh"]),
                                    nms_thresh=max(GRID["nms_thresh"]))
-    raws = []
-    for _, image, gt in iter_split(data_dir, split):
-        chw = model.network_input(image)
-        raws.append(_Raw(gt, permissive.detect(chw)))
+    # the detections of a run of each image (the tile engine), painted again per setting
+    raws = [_Raw(gt, image_instances(permissive, image))
+            for _, image, gt in iter_split(data_dir, split)]
     c = model.config
     best = {k: getattr(c, k) for k in GRID}
 
