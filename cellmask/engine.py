@@ -99,9 +99,9 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
     A chunk that cannot be decoded raises :class:`InputError` naming it, or, with
     ``skip_corrupt``, reads as zeros and is reported.
     """
+    level0 = src  # chunk names give level-0 pixels
     if level:
         src, region = replace(src, array=src.levels[level]), level_region(src, region, level)
-        named = replace(src, array=src.levels[0])
     y0, y1, x0, x1 = region
     try:
         # synchronous: a window is a few chunks, read in the calling (reader) thread
@@ -116,7 +116,7 @@ def read_window(src: ImageSource, region: tuple[int, int, int, int],
             out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = \
                 src.array[iy0:iy1, ix0:ix1].compute(scheduler=sync_scheduler)
         except Exception:  # this chunk is broken
-            name = chunk_name(named, i, j, box, level) if level else chunk_name(src, i, j, box)
+            name = chunk_name(level0, i, j, box, level)
             if not skip_corrupt:
                 raise InputError(f"cannot read {src.path or 'the image'}: {name} is corrupt "
                                  f"({first_error}); repair or re-export it, or pass "
@@ -174,20 +174,17 @@ def tile_instances(model, src: ImageSource, tiles: list[Tile], appearance: Appea
     t0 = time.perf_counter()
     if windows is None:
         windows = [read_window(src, t.window, level=level)[0] for t in tiles]
-    fy, fx = level_factor(src, level)
-    rest = scale * fy if level else scale  # the resizing left after reading the level
-    inputs = [prepare(w, t.window, appearance, rest) for t, w in zip(tiles, windows)]
+    fy, fx = level_factor(src, level)  # (1, 1) at level 0
+    # the resizing left after reading the level
+    inputs = [prepare(w, t.window, appearance, scale * fy) for t, w in zip(tiles, windows)]
     frames = []  # (level-0 origin y, x; level-0 pixels per input pixel y, x) of each input
+    cores = []  # each tile's core in its input's pixels
     for t, chw in zip(tiles, inputs):
         ly0, ly1, lx0, lx1 = level_region(src, t.window, level)
-        frames.append((ly0 * fy, lx0 * fx, (ly1 - ly0) * fy / chw.shape[1],
-                       (lx1 - lx0) * fx / chw.shape[2]))
-    cores = []
-    for t, chw in zip(tiles, inputs):  # each core in its input's pixels
-        ly0, ly1, lx0, lx1 = level_region(src, t.window, level)
-        ny, nx = chw.shape[1] / ((ly1 - ly0) * fy), chw.shape[2] / ((lx1 - lx0) * fx)
+        oy, ox, hy, hx = ly0 * fy, lx0 * fx, (ly1 - ly0) * fy, (lx1 - lx0) * fx
+        frames.append((oy, ox, hy / chw.shape[1], hx / chw.shape[2]))
+        ny, nx = chw.shape[1] / hy, chw.shape[2] / hx
         y0, y1, x0, x1 = t.core
-        oy, ox = ly0 * fy, lx0 * fx
         cores.append(((y0 - oy) * ny, (y1 - oy) * ny, (x0 - ox) * nx, (x1 - ox) * nx))
     t1 = time.perf_counter()
     found = model.detect_batch(inputs, cores)
