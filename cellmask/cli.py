@@ -332,7 +332,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellmask", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars, and only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_segment, _add_evaluate, _add_train, _add_export, _add_calibrate,
                 _add_export_geojson, _add_models, _add_demo):
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; errors become one line on stderr and a non-zero exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
