@@ -108,6 +108,14 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
                    help="grow each nucleus into a cell by UM micrometres (labels NAME_cells, "
                         "NAME_cytoplasm; every channel measured per compartment)")
+    p.add_argument("--cell-boundary", metavar="CHANNEL",
+                   help="bound the grown cells by this channel (index or OME name) of a "
+                        "membrane or cytoplasm stain: nuclei are flooded over it (watershed) "
+                        "within --cell-expansion")
+    p.add_argument("--cell-boundary-kind", choices=("membrane", "cytoplasm"),
+                   default="membrane",
+                   help="what --cell-boundary shows: membrane (bright between cells, the "
+                        "default) or cytoplasm (bright inside them)")
     p.add_argument("--measurements", metavar="LIST",
                    help="comma-separated measurements of the compartment table, e.g. "
                         "area,mean,median (default: all)")
@@ -145,7 +153,8 @@ def _settings(args: argparse.Namespace) -> dict:
                 diameter=args.diameter, pixel_size=args.pixel_size, modality=args.modality,
                 tissue_mask=not args.no_tissue_mask, name=args.name,
                 skip_corrupt=args.skip_corrupt, workers=args.workers, overwrite=args.overwrite,
-                cell_expansion=args.cell_expansion,
+                cell_expansion=args.cell_expansion, cell_boundary=args.cell_boundary,
+                cell_boundary_kind=args.cell_boundary_kind,
                 measurements=tuple(m.strip() for m in args.measurements.split(",") if m.strip())
                 if args.measurements else None)
 

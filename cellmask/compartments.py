@@ -7,6 +7,21 @@ cytoplasm is the cell without its nucleus. Ids are the nuclei's. Painted tile by
 tile's core reads the nuclei of its core plus ``distance + 1`` pixels around it, so every
 pixel sees every nucleus that could claim it and the tiled result equals the whole image's.
 
+**Cells bounded by a stain** (``boundary=``, a membrane or cytoplasm channel): each nucleus
+claims the pixels it reaches first along paths that pay for the stain they cross, as
+CellProfiler's "Propagation" (Jones et al., 2005, Voronoi-based segmentation of cells on image
+manifolds): a step costs its length times ``1 + BOUNDARY_WEIGHT * s``, where ``s`` is the
+stain (after a Gaussian of 1 px) scaled to ``[0, 1]`` by the image's own range (``membrane``,
+bright between cells) or one minus it (``cytoplasm``, bright inside them, so the dark gaps
+and the background are costly). A pixel joins the nucleus of least cost if that cost is at
+most ``distance``; as every step costs at least its length, no cell reaches further than the
+plain expansion and the result at a pixel depends only on the pixels within ``distance`` of
+it, so tiles equal the whole image with the same margin (plus the Gaussian's support). The
+stain's range is estimated once per image, never per tile. The costs are computed by
+:class:`skimage.graph.MCP_Geometric` (a Dijkstra front from every nucleus at once; equal costs,
+rare on a real stain, are settled in the front's order). A 1.4 Mpx image of dense nuclei
+takes 2.3 s on one core (the plain expansion 0.2 s), so it runs only when a boundary is given.
+
 **Measurements** (:func:`measure_compartments`), one row per nucleus, columns
 ``<compartment>.<measurement>`` and ``<compartment>.<statistic>.<channel>``:
 
@@ -39,32 +54,99 @@ _PHYSICAL = {"area": ("_um2", 2), "perimeter": ("_um", 1), "axis_major_length": 
              "centroid_x": ("_um", 1)}
 
 
-def margin(distance: float) -> int:
-    """Pixels of context a tile needs to grow its cells exactly."""
-    return int(math.ceil(distance)) + 1
+#: What a boundary channel shows: ``membrane`` (bright between cells) or ``cytoplasm``
+#: (bright inside them).
+BOUNDARY_KINDS = ("membrane", "cytoplasm")
+#: Cost of a step over the brightest membrane (or the darkest gap), in steps over nothing.
+BOUNDARY_WEIGHT = 10.0
+#: Gaussian smoothing of the stain (px), and the pixels of context it needs.
+_SIGMA, _SIGMA_REACH = 1.0, 4
 
 
-def grow_cells(nuclei: np.ndarray, distance: float) -> np.ndarray:
-    """Cell labels ``(h, w)`` of nucleus labels ``(h, w)``, each grown by ``distance`` px."""
+def margin(distance: float, bounded: bool = False) -> int:
+    """Pixels of context a tile needs to grow its cells exactly (``bounded``: by a stain)."""
+    reach = int(math.ceil(distance)) + 1
+    return reach + _SIGMA_REACH if bounded else reach
+
+
+def stain_range(sample: np.ndarray) -> tuple[float, float]:
+    """The range ``(low, high)`` a bounding stain is scaled by: its 1st and 99.5th
+    percentiles over ``sample`` (the whole image, or a strided sample of it)."""
+    values = np.asarray(sample, np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.0, 1.0
+    low, high = np.percentile(values, (1.0, 99.5))
+    return float(low), float(max(high, low + 1e-6))
+
+
+def grow_cells(nuclei: np.ndarray, distance: float, boundary: np.ndarray | None = None,
+               kind: str = "membrane", value_range: tuple[float, float] | None = None
+               ) -> np.ndarray:
+    """Cell labels ``(h, w)`` of nucleus labels ``(h, w)``, each grown by at most ``distance``
+    px: into the nearest free pixels, or with ``boundary`` (a stain ``(h, w)`` of the same
+    pixels, of ``kind`` in :data:`BOUNDARY_KINDS`, scaled by ``value_range``, default
+    :func:`stain_range` of ``boundary``) up to where that stain separates cells."""
     from skimage.segmentation import expand_labels
 
     if distance <= 0:
         return nuclei.copy()
-    return expand_labels(nuclei, distance)
+    if boundary is None:
+        return expand_labels(nuclei, distance)
+    if kind not in BOUNDARY_KINDS:
+        raise ValueError(f"boundary kind must be one of {BOUNDARY_KINDS}, got {kind!r}")
+    from scipy import ndimage as ndi
+    from skimage.graph import MCP_Geometric
+
+    low, high = value_range if value_range is not None else stain_range(boundary)
+    stain = ndi.gaussian_filter(np.asarray(boundary, np.float64), _SIGMA,
+                                truncate=_SIGMA_REACH / _SIGMA)
+    stain = np.clip((stain - low) / (high - low), 0.0, 1.0)
+    if kind == "cytoplasm":
+        stain = 1.0 - stain
+    inside = nuclei > 0
+    edge = inside & ~ndi.binary_erosion(inside, border_value=1)
+    if not edge.any():
+        return nuclei.copy()
+    # fronts start on the nuclei's edges and run only where some nucleus is within reach
+    # (a cheaper path never leaves it); nucleus interiors keep their own label
+    reach = expand_labels(nuclei, distance) > 0
+    step_cost = np.where(reach & ~inside, 1.0 + BOUNDARY_WEIGHT * stain, np.inf)
+    step_cost[edge] = 1.0
+    mcp = MCP_Geometric(step_cost, fully_connected=True)
+    costs, traceback = mcp.find_costs(np.argwhere(edge))
+    # each pixel's first pixel on its cheapest path (a nucleus pixel), by pointer jumping
+    offsets = np.asarray(mcp.offsets)
+    tb = np.asarray(traceback).ravel()
+    flat = np.arange(tb.size)
+    step = np.where(tb >= 0, offsets[np.maximum(tb, 0)] @ np.array([nuclei.shape[1], 1]), 0)
+    origin = np.where(tb >= 0, flat - step, flat)
+    while True:
+        nxt = origin[origin]
+        if np.array_equal(nxt, origin):
+            break
+        origin = nxt
+    cells = nuclei.ravel()[origin].reshape(nuclei.shape)
+    return np.where(inside | (np.asarray(costs) <= distance), cells, 0).astype(nuclei.dtype)
 
 
 def cells_of_region(nuclei_level0, region: tuple[int, int, int, int], distance: float,
-                    shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    shape: tuple[int, int], boundary=None, kind: str = "membrane",
+                    value_range: tuple[float, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(nucleus, cell, cytoplasm)`` labels of ``region`` ``(y0, y1, x0, x1)``, reading the
-    nuclei of the region plus :func:`margin` pixels (clipped to ``shape``)."""
+    nuclei of the region plus :func:`margin` pixels (clipped to ``shape``); ``boundary(window)``
+    gives the bounding stain ``(h, w)`` of a level-0 window ``(y0, y1, x0, x1)``, scaled by
+    the image's ``value_range`` (:func:`stain_range`)."""
     y0, y1, x0, x1 = region
-    m = margin(distance)
+    m = margin(distance, bounded=boundary is not None)
     wy0, wx0 = max(0, y0 - m), max(0, x0 - m)
     wy1, wx1 = min(shape[0], y1 + m), min(shape[1], x1 + m)
     window = np.asarray(nuclei_level0[wy0:wy1, wx0:wx1])
     core = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
     nucleus = window[core]
-    cell = grow_cells(window, distance)[core]
+    stain = None if boundary is None else boundary((wy0, wy1, wx0, wx1))
+    cell = grow_cells(window, distance, stain, kind, value_range)[core]
     return nucleus, cell, np.where(nucleus == 0, cell, 0)
 
 

@@ -225,6 +225,11 @@ class RunConfig:
     #: Micrometres each nucleus grows into its cell (0: nuclei only); labels ``<name>_cells``
     #: and ``<name>_cytoplasm`` and a per-compartment table (:mod:`cellmask.compartments`).
     cell_expansion: float = 0.0
+    #: A channel (index or name) of a membrane or cytoplasm stain that bounds the cells: the
+    #: nuclei are flooded over it within ``cell_expansion`` (:func:`cellmask.compartments.
+    #: grow_cells`); None grows them by distance alone. ``cell_boundary_kind``: what it shows.
+    cell_boundary: int | str | None = None
+    cell_boundary_kind: str = "membrane"
     #: Which morphology and statistics the per-compartment table holds (default all).
     measurements: tuple[str, ...] | None = None
     #: In a new store, write the input image (every channel, 3 levels) beside the labels.
@@ -233,4 +238,6 @@ class RunConfig:
     def arithmetic(self) -> dict:
         """The settings of this configuration that change the labels (for the fingerprint)."""
         return {"tile": self.tile, "halo": self.halo, "modality": self.modality,
-                "tissue_mask": self.tissue_mask, "cell_expansion": self.cell_expansion}
+                "tissue_mask": self.tissue_mask, "cell_expansion": self.cell_expansion,
+                "cell_boundary": self.cell_boundary,
+                "cell_boundary_kind": self.cell_boundary_kind}

@@ -312,6 +312,8 @@ class _Stages:
             self.cell_px = cfg.cell_expansion / px_um[1]
             for extra in (f"{cfg.name}_cells", f"{cfg.name}_cytoplasm"):
                 check_not_foreign(self.root, extra)
+        self.boundary_channel = self._boundary_channel()
+        self.boundary_range = self._boundary_range()
         self.output_given = output is not None
         if model is None or isinstance(model, (str, Path)):  # after every check of the input
             model = load_model(model or "nuclei", device=device)
@@ -567,9 +569,17 @@ class _Stages:
                 and not self.output_given else (str(src.path) if src.path else None))
         nuclei = self.group["0"]
         whole = all(tile_pyramid(g, cfg.tile) for g in groups.values())
+        boundary = None
+        if self.boundary_channel is not None:
+            every, stain, skip = self._all_channels(), self.boundary_channel, cfg.skip_corrupt
+
+            def boundary(window: tuple[int, int, int, int]) -> np.ndarray:
+                return read_window(every, window, skip)[0][..., stain]
 
         def paint(tl: Tile) -> None:
-            _, cell, cyto = cells_of_region(nuclei, tl.core, self.cell_px, src.shape)
+            _, cell, cyto = cells_of_region(nuclei, tl.core, self.cell_px, src.shape,
+                                            boundary, cfg.cell_boundary_kind,
+                                            self.boundary_range)
             for g, labels in ((groups["cells"], cell), (groups["cytoplasm"], cyto)):
                 if whole:
                     write_levels(g, tl.core, labels.astype(np.int32))
@@ -613,6 +623,52 @@ class _Stages:
             self.table = table
             self._measure_compartments(table)
         self.timings["measure"] = time.perf_counter() - t2
+
+    def _boundary_channel(self) -> int | None:
+        """Index (in every channel of the input) of the stain bounding the cells, or None."""
+        from cellmask.compartments import BOUNDARY_KINDS
+        from cellmask.sources import channel_labels
+
+        cfg = self.cfg
+        if cfg.cell_boundary is None:
+            return None
+        if not self.cell_px:
+            raise InputError("a cell boundary channel bounds grown cells: pass "
+                             "--cell-expansion UM (cell_expansion=) too")
+        if cfg.cell_boundary_kind not in BOUNDARY_KINDS:
+            raise InputError(f"cell boundary kind must be one of {', '.join(BOUNDARY_KINDS)}, "
+                             f"got {cfg.cell_boundary_kind!r}")
+        names = channel_labels(self._all_channels())
+        choice = cfg.cell_boundary
+        if isinstance(choice, str) and choice.lstrip("-").isdigit():
+            choice = int(choice)
+        if isinstance(choice, int) and not isinstance(choice, bool):
+            if 0 <= choice < len(names):
+                return choice
+        elif isinstance(choice, str) and choice in names:
+            return names.index(choice)
+        raise InputError(f"cell boundary channel {cfg.cell_boundary!r} is not a channel of "
+                         f"the input (channels {', '.join(names)}; give an index or a name)")
+
+    def _boundary_range(self) -> tuple[float, float] | None:
+        """The bounding stain's range over the whole image, from a strided sample of at most
+        about 4 Mpx (once per image, never per tile)."""
+        from cellmask.compartments import stain_range
+        from cellmask.sources import threaded_scheduler
+
+        if self.boundary_channel is None:
+            return None
+        every = self._all_channels()
+        h, w = every.shape
+        step = max(1, int(np.ceil(np.sqrt(h * w / 4_000_000))))
+        try:
+            sample = every.array[::step, ::step, self.boundary_channel].compute(
+                scheduler=threaded_scheduler)
+        except Exception as err:  # a corrupt chunk: name it rather than guess a range
+            where = every.path or "the image"
+            raise InputError(f"cannot sample the cell boundary channel of {where} "
+                             f"({type(err).__name__}: {err})") from None
+        return stain_range(np.asarray(sample))
 
     def _all_channels(self) -> ImageSource:
         """The input with every channel (the segmented one is one of them), opened once."""
@@ -661,6 +717,13 @@ class _Stages:
         if self.cell_px:
             record["cell_expansion_um"] = self.cfg.cell_expansion
             record["cell_expansion_px"] = self.cell_px
+            if self.boundary_channel is not None:
+                from cellmask.sources import channel_labels
+
+                record["cell_boundary"] = {
+                    "channel": self.boundary_channel, "kind": self.cfg.cell_boundary_kind,
+                    "name": channel_labels(self._all_channels())[self.boundary_channel],
+                    "range": list(self.boundary_range)}
         if self.tissue is not None:
             record["tissue"] = {"fraction": round(self.tissue.fraction, 4),
                                 "od_threshold": self.tissue.threshold,

@@ -66,6 +66,13 @@ CASES = {
                   "must be positive"),
     "negative-halo": (lambda d: make(d, "s.npy", np.zeros((16, 16))), ["--halo", "-3"],
                       "zero or more"),
+    "boundary-without-cells": (lambda d: make(d, "c.npy", np.ones((2, 16, 16))),
+                               ["--axes", "CYX", "--channel", "0", "--cell-boundary", "1"],
+                               "--cell-expansion"),
+    "boundary-not-a-channel": (lambda d: make(d, "c.npy", np.ones((2, 16, 16))),
+                               ["--axes", "CYX", "--channel", "0", "--pixel-size", "0.5",
+                                "--cell-expansion", "3", "--cell-boundary", "WGA"],
+                               "not a channel of the input"),
     "bad-model": (lambda d: make(d, "s.npy", np.zeros((16, 16))), ["--model", "nonexistent"],
                   "no model named"),
 }
