@@ -7,9 +7,11 @@ them; ``properties`` carry ``objectType: "detection"``, a ``classification`` and
 row of the measurements table (and of the per-compartment table, when there is one) under
 ``measurements`` (QuPath shows them in its measurement table). When cells were grown, each
 object is a QuPath ``cell``: the cell's outline is its ``geometry``, the nucleus's its
-``nucleusGeometry``. Objects are taken tile by tile (the tile holding the top-left corner of each object's
+``nucleusGeometry``. The tables are read in batches of rows (``batch_rows``, in label order)
+and each batch's objects tile by tile (the tile holding the top-left corner of an object's
 box reads the region of its objects), so a slide with millions of objects is exported with
-the memory of one tile; the file is written under a temporary name and renamed when complete.
+the memory of one batch and one tile; the file is written under a temporary name and renamed
+when complete.
 
 Outlines are exact pixel boundaries: the mask is doubled in size and traced by marching squares
 (:func:`skimage.measure.find_contours`) at 0.5, which runs along the pixel edges except for a
@@ -145,15 +147,47 @@ def _features(labels, table, tile: int, object_type: str, classification: str,
                                 "geometry": geometry, "properties": props}
 
 
+def _row_batches(group_dir: Path, batch_rows: int):
+    """The measurements table (joined with the per-compartment table, when there is one) as
+    DataFrames of at most ``batch_rows`` rows, in the tables' order (by label)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    main = pq.ParquetFile(group_dir / "measurements.parquet")
+    more = None
+    if (group_dir / "compartments.parquet").is_file():  # every channel, every compartment
+        more = pq.ParquetFile(group_dir / "compartments.parquet").iter_batches(batch_rows)
+    pending: list = []
+    for batch in main.iter_batches(batch_rows):
+        table = batch.to_pandas()
+        if more is None:
+            yield table
+            continue
+        have = sum(len(p) for p in pending)
+        while have < len(table):  # the two files need not share row-group boundaries
+            part = next(more, None)
+            if part is None:
+                break
+            pending.append(part.to_pandas())
+            have += len(pending[-1])
+        extra = pd.concat(pending, ignore_index=True) if pending else pd.DataFrame()
+        pending = [extra.iloc[len(table):]] if len(extra) > len(table) else []
+        extra = extra.iloc[:len(table)].reset_index(drop=True)
+        if len(extra) != len(table) or not np.array_equal(extra["label"].to_numpy(),
+                                                          table["label"].to_numpy()):
+            raise InputError(f"{group_dir}: compartments.parquet does not list the objects of "
+                             "measurements.parquet in the same order; segment again with "
+                             "--overwrite to rewrite both")
+        yield pd.concat([table, extra.drop(columns="label")], axis=1)
+
+
 def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str = "cellmask",
                    object_type: str = "detection", classification: str = "Nucleus",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, batch_rows: int = 50_000) -> Path:
     """Write the objects of the cellmask output ``path`` (the store, or its labels group) as a
     QuPath GeoJSON ``FeatureCollection``; returns the file. Default ``out``: beside the store,
     ``<store name>.geojson``. Needs the run's measurements table (its boxes locate each object;
-    its columns become the measurements)."""
-    import pandas as pd
-
+    its columns become the measurements), read ``batch_rows`` rows at a time."""
     from cellmask.labels_store import labels_level0, write_atomic
 
     labels = labels_level0(path, name)
@@ -165,10 +199,8 @@ def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str
     else:
         raise InputError(f"{path} has no measurements table (labels/{name}/"
                          "measurements.parquet): segment with measurements to export objects")
-    table = pd.read_parquet(group_dir / "measurements.parquet")
-    if (group_dir / "compartments.parquet").is_file():  # every channel, every compartment
-        more = pd.read_parquet(group_dir / "compartments.parquet")
-        table = table.merge(more, on="label", how="left")
+    if batch_rows < 1:
+        raise InputError(f"batch_rows must be positive, got {batch_rows}")
     cells, grow = None, 0
     cells_dir = group_dir.parent / f"{name}_cells"
     if (cells_dir / DATASET).exists():
@@ -192,10 +224,11 @@ def export_geojson(path: str | Path, out: str | Path | None = None, *, name: str
     def write(fh) -> None:
         nonlocal count
         fh.write(b'{"type": "FeatureCollection", "features": [\n')
-        for _, feature in _features(labels, table, max(256, tile), object_type,
-                                    classification, cells, grow):
-            fh.write((",\n" if count else "").encode() + json.dumps(feature).encode())
-            count += 1
+        for table in _row_batches(group_dir, batch_rows):
+            for _, feature in _features(labels, table, max(256, tile), object_type,
+                                        classification, cells, grow):
+                fh.write((",\n" if count else "").encode() + json.dumps(feature).encode())
+                count += 1
         fh.write(b"\n]}\n")
 
     write_atomic(out, write)

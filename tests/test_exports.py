@@ -187,3 +187,18 @@ def test_geojson_cells_carry_their_nucleus_and_every_channel(tmp_path):
             pixels = _pixels(labels[y0:ys.max() + 1, x0:xs.max() + 1] == label, y0, x0)
             g = shape(geometry)
             assert g.intersection(pixels).area / g.union(pixels).area >= 0.95
+    # read in small batches of rows (the tables' row groups of other sizes): the same objects
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table_path = tmp_path / "o.ome.zarr/labels/cellmask/compartments.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.read_parquet(table_path)), table_path,
+                   row_group_size=5)
+    batched = json.loads(cellmask.export_geojson(tmp_path / "o.ome.zarr", tmp_path / "b.json",
+                                                 batch_rows=7).read_text())["features"]
+    assert sorted(map(json.dumps, batched)) == sorted(map(json.dumps, features))
+    # tables that disagree are refused, not paired wrongly
+    shuffled = pd.read_parquet(table_path).iloc[::-1]
+    shuffled.to_parquet(table_path, index=False)
+    with pytest.raises(cellmask.InputError, match="same order"):
+        cellmask.export_geojson(tmp_path / "o.ome.zarr", tmp_path / "c.json", batch_rows=7)
