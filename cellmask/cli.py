@@ -84,7 +84,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tissue-mask", action="store_true",
                    help="brightfield: segment every tile, not only those with tissue")
     p.add_argument("--tile", type=int, default=1024)
-    p.add_argument("--halo", type=int, default=64)
+    p.add_argument("--halo", type=int, default=None, metavar="PX",
+                   help="context read around each tile, level-0 px (default: from the "
+                        "network's receptive field and the objects' size at the run's scale; "
+                        "64 for the shipped models at scale 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int,

@@ -201,8 +201,10 @@ class RunConfig:
 
     #: Side of a tile's core and of the output chunks (level-0 pixels).
     tile: int = 1024
-    #: Pixels read around each core; objects up to this size are never cut at a seam.
-    halo: int = 64
+    #: Pixels read around each core; objects up to this size are never cut at a seam. None:
+    #: from the network's receptive field and the objects' size at the run's scale
+    #: (:func:`cellmask.model.context.auto_halo`; 64 for the shipped models at scale 1).
+    halo: int | None = None
     #: Name of the labels image (``labels/<name>``).
     name: str = "cellmask"
     batch_size: int | None = None

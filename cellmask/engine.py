@@ -254,10 +254,11 @@ def detect_all(model, src: ImageSource, tiles: list[Tile], appearance: Appearanc
 
 def open_array(model, image: np.ndarray, *, scale: float | None = None,
                diameter: float | None = None, pixel_size: float | None = None,
-               modality: str = "auto", tile: int = 1024, halo: int = 64
+               modality: str = "auto", tile: int = 1024, halo: int | None = None
                ) -> tuple[ImageSource, Appearance, float, list[Tile]]:
     """An in-memory image ``(H, W)`` / ``(H, W, C)`` opened as a run opens a store: its
-    source, its appearance (the same strided sample), the run's scale and its tiles."""
+    source, its appearance (the same strided sample), the run's scale and its tiles (``halo``
+    None: :func:`~cellmask.model.context.auto_halo`)."""
     from cellmask.model.segmenter import resolve_scale
     from cellmask.normalize import as_channels_first
     from cellmask.sources import open_image
@@ -269,13 +270,17 @@ def open_array(model, image: np.ndarray, *, scale: float | None = None,
     scale = resolve_scale(model, scale, diameter, pixel_size)
     appearance = survey_image(src, model.config.norm_percentiles, modality).appearance
     tile = max(32, int(tile))
+    if halo is None:
+        from cellmask.model.context import auto_halo
+
+        halo = auto_halo(model, scale, tile)
     if tile < 2 * halo:
         raise InputError(f"tile {tile} is smaller than twice the halo {halo}")
     return src, appearance, scale, plan_tiles(src.shape, tile, halo)
 
 
 def image_instances(model, image: np.ndarray, *, modality: str = "auto", tile: int = 1024,
-                    halo: int = 64, batch_size: int | None = None,
+                    halo: int | None = None, batch_size: int | None = None,
                     workers: int | None = None) -> "Instances":
     """Every instance the network gives for an in-memory image (boxes in its pixels,
     box-local probabilities), before painting: what a run of the same image detects, for
@@ -291,7 +296,7 @@ def image_instances(model, image: np.ndarray, *, modality: str = "auto", tile: i
 
 def segment_array(model, image: np.ndarray, *, scale: float | None = None,
                   diameter: float | None = None, pixel_size: float | None = None,
-                  modality: str = "auto", tile: int = 1024, halo: int = 64,
+                  modality: str = "auto", tile: int = 1024, halo: int | None = None,
                   batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
     """Labels ``(H, W)`` int32 of an in-memory image, through the same stages and arithmetic
     as a whole-slide run (:func:`cellmask.pipeline.run`) without its files: the appearance of

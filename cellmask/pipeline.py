@@ -241,10 +241,10 @@ def run(source, output=None, *, model=None, device: str = "auto", client=None, d
     from cellmask.appearance import MODALITIES
 
     cfg = dataclasses.replace(config or RunConfig(), **settings)
-    if cfg.tile <= 0 or cfg.halo < 0:
+    if cfg.tile <= 0 or (cfg.halo is not None and cfg.halo < 0):
         raise InputError(f"tile must be positive and halo zero or more (got {cfg.tile}, "
                          f"{cfg.halo})")
-    if cfg.tile < 2 * cfg.halo:
+    if cfg.halo is not None and cfg.tile < 2 * cfg.halo:
         raise InputError(f"tile {cfg.tile} is smaller than twice the halo {cfg.halo}: use "
                          f"--tile {max(256, 4 * cfg.halo)} or a smaller --halo")
     if cfg.modality not in MODALITIES:
@@ -320,6 +320,13 @@ class _Stages:
         self.model = model
         px_um = self.src.pixel_size_um
         self.scale = resolve_scale(model, cfg.scale, cfg.diameter, px_um[1] if px_um else None)
+        if cfg.halo is None:  # from the network's context and the objects' size
+            from cellmask.model.context import OBJECT_DIAMETERS, auto_halo
+
+            self.cfg = cfg = dataclasses.replace(cfg, halo=auto_halo(model, self.scale,
+                                                                     cfg.tile))
+            log.info("halo: %d px (the network's context and objects of %g px at scale %.3g)",
+                     cfg.halo, OBJECT_DIAMETERS * model.trained_diameter, self.scale)
         # the network reads the pyramid level nearest its scale (a detector sees level 0)
         self.level = pyramid_level(self.src, self.scale) if self.detector is None else 0
         log.info("scale %.4g (input pixel %s, model trained at %s)%s", self.scale,
@@ -773,7 +780,7 @@ def _check_halo(kept: InstanceSet, halo: int, scale: float) -> None:
                     int(np.ceil(largest / 32) * 32))
 
 
-def segment_zarr(source, output=None, *, model=None, tile: int = 1024, halo: int = 64,
+def segment_zarr(source, output=None, *, model=None, tile: int = 1024, halo: int | None = None,
                  device: str = "auto", batch_size: int | None = None, client=None,
                  progress: bool = True, **kwargs) -> SegmentationResult:
     """Segment a whole image (OME-Zarr, Zarr, TIFF/SVS, numpy, dask) tile by tile.

@@ -42,7 +42,8 @@ class SegmentWidget(Container):
         self.diameter = FloatSpinBox(label="diameter (px, 0 = as trained)", value=0.0, min=0.0,
                                      max=2000.0)
         self.tile = SpinBox(label="tile", value=1024, min=128, max=8192, step=128)
-        self.halo = SpinBox(label="halo", value=64, min=0, max=1024, step=16)
+        self.halo = SpinBox(label="halo (px, -1 = from the model)", value=-1, min=-1,
+                            max=1024, step=16)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
         self.output = FileEdit(label="OME-Zarr for large images (empty: temporary)", mode="w",
                                value="")
@@ -100,7 +101,8 @@ class SegmentWidget(Container):
             out = str(Path(tmp.name) / "labels.ome.zarr")
             self._temporary[str(Path(out) / "labels" / "cellmask")] = tmp
         model = self._model()
-        kwargs = dict(model=model, tile=self.tile.value, halo=self.halo.value,
+        kwargs = dict(model=model, tile=self.tile.value,
+                      halo=self.halo.value if self.halo.value >= 0 else None,
                       axes="YXS" if layer.rgb else "YX", modality=self.modality.value)
         if self.diameter.value > 0:
             kwargs["diameter"] = self.diameter.value

@@ -67,6 +67,7 @@ class Model:
         self.meta = dict(meta or {})
         set_inference_thresholds(self.runner, config)
         self._digest: str | None = None
+        self._context: int | None = None
         self._copies: list[Model] = []
         self._copies_lock = threading.Lock()
 
@@ -76,7 +77,7 @@ class Model:
         model = Model(self.net, config, name=self.name, meta=self.meta, device=self.device,
                       precision=self.precision, calibration=self.calibration,
                       int8_runner=self.runner if self.precision == "int8" else None)
-        model._digest = self._digest
+        model._digest, model._context = self._digest, self._context
         return model
 
     @property
@@ -90,6 +91,24 @@ class Model:
                 digest.update(v.detach().cpu().numpy().tobytes())
             self._digest = digest.hexdigest()[:16]
         return self._digest
+
+    @property
+    def context_px(self) -> int:
+        """Radius (network px) of the trunk's effective receptive field, which sets the halo
+        (:mod:`cellmask.model.context`): from the weights header's ``context_px``, else
+        measured once per network and process."""
+        if self._context is None:
+            from cellmask.model.context import effective_context
+
+            stored = str(self.meta.get("context_px", ""))
+            if stored.isdigit() and int(stored) <= 4096:
+                self._context = int(stored)
+            elif self.weights_digest in _CONTEXTS:
+                self._context = _CONTEXTS[self.weights_digest]
+            else:
+                self._context = effective_context(self.net.backbone, self.config.in_channels)
+                _CONTEXTS[self.weights_digest] = self._context
+        return self._context
 
     @property
     def trained_diameter(self) -> float:
@@ -165,7 +184,7 @@ class Model:
 
     def segment(self, image: np.ndarray, scale: float | None = None, *,
                 diameter: float | None = None, pixel_size: float | None = None,
-                modality: str = "auto", tile: int = 1024, halo: int = 64,
+                modality: str = "auto", tile: int = 1024, halo: int | None = None,
                 batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
         """Instance labels of ``image``.
 
@@ -176,6 +195,8 @@ class Model:
         ``scale``: resize factor applied before the network (0.25 for objects 4x larger than the
         training nuclei); or give ``diameter``, the typical object diameter in pixels, or
         ``pixel_size`` (um), rescaled to the model's training pixel size when it has one.
+        ``halo``: context read around each tile (level-0 px); default from the network's
+        receptive field and object size (:func:`cellmask.model.context.auto_halo`).
         Returns int32 ``(H, W)`` labels, 0 = background, ids 1..N by decreasing score. The
         stages and arithmetic are those of :func:`cellmask.segment_zarr` (one tile engine,
         :mod:`cellmask.engine`): both give the same labels for the same image and settings.
@@ -222,6 +243,9 @@ def _half_dtype(device: torch.device) -> torch.dtype | None:
             return None
     return None
 
+
+#: Effective context (px) of the networks measured in this process, by digest.
+_CONTEXTS: dict[str, int] = {}
 
 #: Rescaling factors outside this range are refused: they mean a mistyped diameter, scale or
 #: pixel size (a factor of 400 turns a 1,000 px image into 400,000 px).
