@@ -17,15 +17,18 @@ def import_torch_without_triton() -> None:
     (segmentation fault in llvm::DebugCounter). The plugin never compiles kernels, so while
     torch and torchvision load, Triton is marked unavailable; the mark is removed afterwards,
     so other code in the process imports Triton as it would without the plugin. Nothing is
-    touched where Triton is not installed, or torch is already loaded.
+    touched where Triton is not installed or already loaded, or torchvision's operators are
+    (torch alone may be loaded already, by the user or another plugin: torchvision's import
+    is the one that reaches Triton).
     """
-    if "torch" in sys.modules or "triton" in sys.modules \
+    if "triton" in sys.modules or "torchvision.ops" in sys.modules \
             or importlib.util.find_spec("triton") is None:
         return
     sys.modules["triton"] = None  # type: ignore[assignment]
     try:
         import torch  # noqa: F401
         import torchvision  # noqa: F401
+        import torchvision.ops  # noqa: F401
     finally:
         if "triton" in sys.modules and sys.modules["triton"] is None:
             del sys.modules["triton"]

@@ -41,6 +41,8 @@ class SegmentWidget(Container):
         self.weights = FileEdit(label="or weights file", filter="*.safetensors", value="")
         self.diameter = FloatSpinBox(label="diameter (px, 0 = as trained)", value=0.0, min=0.0,
                                      max=2000.0)
+        self.cell_expansion = FloatSpinBox(label="cells: grow nuclei by (um, 0 = nuclei only)",
+                                           value=0.0, min=0.0, max=100.0, step=0.5)
         self.tile = SpinBox(label="tile", value=1024, min=128, max=8192, step=128)
         self.halo = SpinBox(label="halo (px, -1 = from the model)", value=-1, min=-1,
                             max=1024, step=16)
@@ -52,7 +54,7 @@ class SegmentWidget(Container):
         self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
         self.status = Label(value="")
         self.extend([self.image, self.model_name, self.weights, self.modality, self.diameter,
-                     self.pixel_size, self.tile,
+                     self.pixel_size, self.cell_expansion, self.tile,
                      self.halo, self.device, self.output, self.run_button, self.cancel_button,
                      self.progress, self.status])
         self.run_button.changed.connect(self.run)
@@ -108,6 +110,8 @@ class SegmentWidget(Container):
             kwargs["diameter"] = self.diameter.value
         if self.pixel_size.value > 0:
             kwargs["pixel_size"] = self.pixel_size.value
+        if self.cell_expansion.value > 0:  # needs a pixel size: the layer's or the one given
+            kwargs["cell_expansion"] = self.cell_expansion.value
         events = run(data, out, **kwargs)
 
         @thread_worker
@@ -165,24 +169,36 @@ class SegmentWidget(Container):
         import dask.array as da
         import zarr
 
-        name = f"{layer.name} cellmask"
-        if small:
-            data = np.asarray(result.labels)
-            multiscale = False
-        else:
-            group = zarr.open_group(str(result.path), mode="r")
-            data = [da.from_zarr(group[p]) for p in ("0", "1", "2")]
-            multiscale = True
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
+        def read(group_path):
+            if small:
+                return np.asarray(zarr.open_array(str(group_path / "0"), mode="r")), False
+            group = zarr.open_group(str(group_path), mode="r")
+            return [da.from_zarr(group[p]) for p in ("0", "1", "2")], True
+
+        # nuclei, and the cells grown from them when asked (labels/<name>_cells, same ids)
+        shown = [(f"{layer.name} cellmask", Path(result.path))]
+        cells = Path(result.path).parent / f"{Path(result.path).name}_cells"
+        if (cells / "0").exists():
+            shown.append((f"{layer.name} cells", cells))
+        layers_data = [(name, *read(path)) for name, path in shown]
+        for name, _, _ in layers_data:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
         if small:  # in memory now: its temporary folder is not needed
             tmp = self._temporary.pop(str(result.path), None)
             if tmp is not None:
                 tmp.cleanup()
-        labels = self.viewer.add_labels(data, name=name, multiscale=multiscale,
-                                        scale=layer.scale[-2:], translate=layer.translate[-2:],
-                                        metadata={"cellmask_source": layer.name,
-                                                  "cellmask_path": str(result.path)})
+        added = []
+        for name, data, multiscale in layers_data:  # nuclei last: on top, and the active one
+            added.append(self.viewer.add_labels(
+                data, name=name, multiscale=multiscale, scale=layer.scale[-2:],
+                translate=layer.translate[-2:], opacity=0.4 if added else 0.7,
+                metadata={"cellmask_source": layer.name, "cellmask_path": str(result.path)}))
+        labels = added[0]
+        if len(added) > 1:
+            self.viewer.layers.move(self.viewer.layers.index(labels),
+                                    len(self.viewer.layers))
+            self.viewer.layers.selection.active = labels
         self.last_result_layer = labels
         self.status.value = f"{result.objects} objects in {layer.name}"
         if result.table is not None:

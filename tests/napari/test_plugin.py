@@ -233,3 +233,23 @@ def test_measurements_dock_is_fast_readable_and_colours_by_a_column(make_napari_
                                rtol=1e-6)
     dock.colour_by_column(None)
     assert f"{labels.name} by intensity_mean-1" not in viewer.layers
+
+
+def test_cells_grown_in_the_widget_are_shown_under_the_nuclei(segment_widget, qtbot):
+    from skimage.segmentation import expand_labels
+
+    viewer, widget = segment_widget
+    image, _ = load_sample()
+    widget.image.value = viewer.add_image(image, name="sample")
+    widget.pixel_size.value = 0.5
+    widget.cell_expansion.value = 2.0  # 4 px
+    widget.run()
+    qtbot.waitUntil(lambda: widget.last_result_layer is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    nuclei = np.asarray(viewer.layers["sample cellmask"].data)
+    cells = np.asarray(viewer.layers["sample cells"].data)
+    assert np.array_equal(cells, expand_labels(nuclei, 4.0))
+    assert (cells > 0).sum() > 1.3 * (nuclei > 0).sum()
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("sample cellmask") > names.index("sample cells")  # nuclei on top
+    assert viewer.layers.selection.active.name == "sample cellmask"
