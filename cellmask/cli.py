@@ -113,8 +113,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                         "NAME_cytoplasm; every channel measured per compartment)")
     p.add_argument("--cell-boundary", metavar="CHANNEL",
                    help="bound the grown cells by this channel (index or OME name) of a "
-                        "membrane or cytoplasm stain: nuclei are flooded over it (watershed) "
-                        "within --cell-expansion")
+                        "membrane or cytoplasm stain: each nucleus claims the pixels it "
+                        "reaches at least cost over that stain, within --cell-expansion")
     p.add_argument("--cell-boundary-kind", choices=("membrane", "cytoplasm"),
                    default="membrane",
                    help="what --cell-boundary shows: membrane (bright between cells, the "

@@ -56,12 +56,19 @@ def percentile_range(chw: np.ndarray, percentiles: tuple[float, float],
     return lo.astype(np.float32), hi.astype(np.float32)
 
 
+def sample_step(shape: tuple[int, int], max_samples: int = 4_000_000) -> int:
+    """Stride of the regular sample of at most about ``max_samples`` pixels of an image of
+    ``shape`` ``(h, w)`` that every whole-image estimate is taken from."""
+    h, w = shape
+    return max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+
+
 def sample_pixels(chw: np.ndarray, max_samples: int = 4_000_000) -> np.ndarray:
     """A regular strided sample ``(N, C)`` of an in-memory ``(C, H, W)`` image: at most
     ``max_samples`` pixels per channel (the same grid whole-slide runs take, so both estimate
     alike)."""
     c, h, w = chw.shape
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    step = sample_step((h, w), max_samples)
     return chw[:, ::step, ::step].reshape(c, -1).T
 
 

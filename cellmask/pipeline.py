@@ -662,12 +662,12 @@ class _Stages:
         about 4 Mpx (once per image, never per tile)."""
         from cellmask.compartments import stain_range
         from cellmask.sources import threaded_scheduler
+        from cellmask.normalize import sample_step
 
         if self.boundary_channel is None:
             return None
         every = self._all_channels()
-        h, w = every.shape
-        step = max(1, int(np.ceil(np.sqrt(h * w / 4_000_000))))
+        step = sample_step(every.shape)
         try:
             sample = every.array[::step, ::step, self.boundary_channel].compute(
                 scheduler=threaded_scheduler)

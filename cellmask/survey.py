@@ -13,6 +13,7 @@ import numpy as np
 from cellmask.appearance import Appearance, estimate
 from cellmask.engine import chunk_name, chunks_in
 from cellmask.errors import InputError
+from cellmask.normalize import sample_step
 from cellmask.sources import ImageSource, sync_scheduler, threaded_scheduler
 
 
@@ -37,7 +38,7 @@ def survey_image(src: ImageSource, percentiles, modality: str = "auto",
     """
     h, w = src.shape
     c = src.array.shape[2]
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    step = sample_step((h, w), max_samples)
     view = None
     try:
         # a local threaded read (cellmask.sources.sync_scheduler says why it is a function)

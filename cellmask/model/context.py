@@ -6,7 +6,7 @@ level-0 pixels:
 - **the network's context**: the radius around a position of the trunk's finest (stride-4)
   features within which lies :data:`CONTEXT_SHARE` of the gradient of that position with
   respect to the input: its *effective* receptive field (Luo et al., NeurIPS 2016), much
-  smaller than the theoretical one (for the shipped model about 52 px against 119). Pixels
+  smaller than the theoretical one (53 px for the shipped model, against a theoretical 119). Pixels
   further away barely change what the network sees at a seam. Measured once per model, on a
   uniform mid-grey input, or read from the weights header (``context_px``).
 - **the objects it finds**: :data:`OBJECT_DIAMETERS` times the model's training diameter, so
