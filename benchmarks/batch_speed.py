@@ -4,9 +4,10 @@ The first 20 images of DSB2018 ``splits/test.txt`` are written as TIFFs to a tem
 Measured, each in a fresh process: the CLI batch (start-up, model loading, 20 outputs and the
 combined table), the same as a Python loop (``import cellmask``, ``load_model`` and
 ``segment_zarr`` per image), and the loop's segmenting alone (the figure a running notebook
-sees). Printed with the CPU's description.
+sees). The two are run in alternation ``--rounds`` times (a shared VM's speed drifts by up to
+2x between minutes) and the medians are compared. Printed with the CPU's description.
 
-    python benchmarks/batch_speed.py [--images 20]
+    python benchmarks/batch_speed.py [--images 20] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
 
 
 def main() -> None:
+    import numpy as np
     import tifffile
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/dsb2018"))
     args = p.parse_args()
     data = Path(args.data)
@@ -54,18 +57,28 @@ def main() -> None:
         for name in names:
             tifffile.imwrite(folder / f"{name}.tif", tifffile.imread(data / "images" /
                                                                     f"{name}.tif"))
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cellmask", "--quiet", "segment", str(folder),
-                        "--out", str(Path(d) / "cli")], check=True, capture_output=True)
-        cli = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", LOOP, str(folder), str(Path(d) / "loop")],
-                             check=True, capture_output=True, text=True)
-        loop = time.perf_counter() - t0
-        setup, segmenting = (float(v) for v in out.stdout.split())
-    print(f"{len(names)} DSB2018 test images: CLI batch {cli:.2f} s; Python loop in a fresh "
-          f"process {loop:.2f} s (imports + model {setup:.2f} s, segmenting {segmenting:.2f} "
-          f"s); CLI / loop {cli / loop:.2f}x, CLI / segmenting alone {cli / segmenting:.2f}x")
+        clis, loops, setups, segs = [], [], [], []
+        for k in range(args.rounds):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cellmask", "--quiet", "segment", str(folder),
+                            "--out", str(Path(d) / f"cli{k}")], check=True, capture_output=True)
+            clis.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", LOOP, str(folder),
+                                  str(Path(d) / f"loop{k}")],
+                                 check=True, capture_output=True, text=True)
+            loops.append(time.perf_counter() - t0)
+            setup, segmenting = (float(v) for v in out.stdout.split())
+            setups.append(setup)
+            segs.append(segmenting)
+            print(f"round {k + 1}: CLI {clis[-1]:.2f} s, loop {loops[-1]:.2f} s (imports + "
+                  f"model {setup:.2f} s, segmenting {segmenting:.2f} s)", flush=True)
+    cli, loop = float(np.median(clis)), float(np.median(loops))
+    setup, segmenting = float(np.median(setups)), float(np.median(segs))
+    print(f"{len(names)} DSB2018 test images, medians of {args.rounds} rounds: CLI batch "
+          f"{cli:.2f} s; Python loop in a fresh process {loop:.2f} s (imports + model "
+          f"{setup:.2f} s, segmenting {segmenting:.2f} s); CLI / loop {cli / loop:.2f}x, "
+          f"CLI / segmenting alone {cli / segmenting:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ them. Fluorescence images are mapped channel by channel from their 1st/99.8th pe
 [0, 1]. Brightfield colour images (H&E above all) are turned into optical density and separated
 into stains with a per-image stain matrix (Macenko et al., ISBI 2009: the plane of the two
 largest principal directions of the tissue's optical density, and the extreme angles in it);
-the hematoxylin concentration, which stains nuclei, is the network's input. Grey brightfield
-is inverted. Every number used is recorded in :class:`Appearance`, which the run stores in its
+the hematoxylin concentration, which stains nuclei, is the network's input, plus a fraction of
+the second stain where the model asks for it (``ModelConfig.second_stain_weight``: pale
+nuclei of single-dye stains carry part of their density along the second direction). Grey
+brightfield is inverted. Every number used is recorded in :class:`Appearance`, which the run stores in its
 output metadata and its fingerprint.
 
 Frames: a pixel sample is ``(N, C)``; an image or tile is channels-first ``(C, h, w)`` raw;
@@ -61,6 +63,9 @@ class Appearance:
     decided: str = "given"
     #: How the stain matrix was found: "macenko" or "ruifrok (too little tissue)".
     stain_method: str | None = None
+    #: RGB brightfield: the network's signal is hematoxylin + this fraction of the second
+    #: stain (0: hematoxylin alone).
+    second_stain: float = 0.0
 
     def apply(self, chw: np.ndarray) -> np.ndarray:
         """Raw ``(C, h, w)`` pixels (any real dtype) -> float32 network input ``(3, h, w)``."""
@@ -72,12 +77,16 @@ class Appearance:
         """Brightfield ``(C, h, w)`` -> ``(1, h, w)`` nuclear signal before its range."""
         if chw.shape[0] == 1:  # grey brightfield: dark nuclei on a bright field, inverted
             return np.negative(chw, dtype=np.float32)
-        return hematoxylin(chw, np.asarray(self.stains, np.float32),
-                           np.asarray(self.background, np.float32))
+        return nuclear_signal(chw, np.asarray(self.stains, np.float32),
+                              np.asarray(self.background, np.float32), self.second_stain)
 
     def to_dict(self) -> dict:
-        """JSON-ready record of every number of the mapping (for metadata and fingerprints)."""
+        """JSON-ready record of every number of the mapping (for metadata and fingerprints;
+        ``second_stain`` only when it is used, so that records of hematoxylin-only runs made
+        before it existed still match)."""
         out = asdict(self)
+        if not out["second_stain"]:
+            del out["second_stain"]
         return {k: (list(map(list, v)) if k == "stains" and v is not None else
                     list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
@@ -115,6 +124,16 @@ def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
 def hematoxylin(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Hematoxylin concentration ``(1, h, w)`` float32 of RGB ``(3, h, w)`` under ``stains``."""
     return concentrations(chw, stains, background, n=1)
+
+
+def nuclear_signal(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
+                   second: float = 0.0) -> np.ndarray:
+    """``(1, h, w)`` float32: hematoxylin + ``second`` x the second stain's concentration of
+    RGB ``(3, h, w)`` under ``stains``."""
+    if not second:
+        return hematoxylin(chw, stains, background)
+    conc = concentrations(chw, stains, background, n=2)
+    return (conc[0] + np.float32(second) * conc[1])[None]
 
 
 def macenko_stains(od: np.ndarray, alpha: float = 1.0) -> np.ndarray | None:
@@ -170,11 +189,13 @@ def decide_modality(sample: np.ndarray) -> tuple[str, float]:
 
 
 def estimate(sample: np.ndarray, modality: str = "auto",
-             percentiles: tuple[float, float] = (1.0, 99.8)) -> Appearance:
+             percentiles: tuple[float, float] = (1.0, 99.8),
+             second_stain: float = 0.0) -> Appearance:
     """The :class:`Appearance` of an image from a strided pixel sample ``(N, C)``, C in {1, 3}.
 
     ``modality``: "auto" decides from the sample (and logs the decision), or "fluorescence" /
-    "brightfield". The sample must be finite.
+    "brightfield". ``second_stain``: the fraction of the second stain added to hematoxylin in
+    RGB brightfield (the model's ``second_stain_weight``). The sample must be finite.
     """
     if modality not in MODALITIES:
         raise InputError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
@@ -204,14 +225,14 @@ def estimate(sample: np.ndarray, modality: str = "auto",
     if stains is None:
         stains, method = np.asarray(RUIFROK_HED, np.float64), "ruifrok (too little tissue)"
         stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
-    h = hematoxylin(sample.T[:, :, None], stains, background)[0, :, 0]
+    h = nuclear_signal(sample.T[:, :, None], stains, background, second_stain)[0, :, 0]
     lo, hi = np.percentile(h, percentiles).astype(np.float32)
     log.info("brightfield stains (%s): hematoxylin %s, second %s; background %s", method,
              np.round(stains[0], 3).tolist(), np.round(stains[1], 3).tolist(),
              np.round(background, 1).tolist())
     return Appearance("brightfield", (float(lo),), (float(hi),),
                       tuple(tuple(float(x) for x in row) for row in stains),
-                      _floats(background), decided, method)
+                      _floats(background), decided, method, float(second_stain))
 
 
 def _floats(values) -> tuple[float, ...]:

@@ -76,6 +76,9 @@ class ModelConfig:
     min_area: int = 6
     #: Percentiles used to normalise each channel of the input to about [0, 1].
     norm_percentiles: tuple[float, float] = (1.0, 99.8)
+    #: RGB brightfield input: hematoxylin + this fraction of the second stain (0: hematoxylin
+    #: alone). Pale nuclei of single-dye stains lie partly along the second direction.
+    second_stain_weight: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -107,7 +110,8 @@ class ModelConfig:
 INFERENCE_SETTINGS = ("rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_image",
                       "proposals_per_mpx", "rpn_pre_nms_ratio", "rpn_score_thresh",
                       "rpn_nms_thresh", "score_thresh",
-                      "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area")
+                      "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area",
+                      "second_stain_weight")
 
 
 #: Ranges of the numbers of a :class:`ModelConfig` read from a file: a weights header is
@@ -121,6 +125,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "rpn_score_thresh": (0, 1), "rpn_nms_thresh": (0, 1), "score_thresh": (0, 1),
     "nms_thresh": (0, 1), "mask_thresh": (0, 1), "min_visible_fraction": (0, 1),
     "norm_percentiles": (0, 100), "rpn_pre_nms_ratio": (1, 100),
+    "second_stain_weight": (0, 2),
 }
 
 

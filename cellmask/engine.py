@@ -268,7 +268,8 @@ def open_array(model, image: np.ndarray, *, scale: float | None = None,
     chw = as_channels_first(image)  # every check of the input, with its clear message
     src = open_image(np.moveaxis(chw, 0, -1))
     scale = resolve_scale(model, scale, diameter, pixel_size)
-    appearance = survey_image(src, model.config.norm_percentiles, modality).appearance
+    appearance = survey_image(src, model.config.norm_percentiles, modality,
+                              second_stain=model.config.second_stain_weight).appearance
     tile = max(32, int(tile))
     if halo is None:
         from cellmask.model.context import auto_halo

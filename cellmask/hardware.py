@@ -8,7 +8,8 @@ import platform
 
 
 def describe() -> str:
-    """One line: CPU model, torch's CPU capability, bf16/AMX support, cores and threads."""
+    """One line: CPU model, torch's CPU capability, bf16/AMX support, cores and threads, and the
+    environment variables that limit torch's and oneDNN's kernels, when set."""
     import torch
 
     model = platform.processor() or platform.machine()
@@ -24,6 +25,11 @@ def describe() -> str:
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     amx = any(f.startswith("amx") for f in flags)
     cuda = (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+    # kernels limited below what the CPU has (to measure another CPU class on this one)
+    limits = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+              if os.environ.get(k)]
+    if limits:
+        cuda += f"; kernels limited by {', '.join(limits)}"
     return (f"{model}; torch {torch.__version__} CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}; bf16 {'yes' if bf16 else 'no'}, "
             f"AMX {'yes' if amx else 'no'}; {os.cpu_count()} cores, "

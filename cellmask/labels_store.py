@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = ("0", "1", "2")
+#: Rows per row group of the Parquet tables cellmask writes: readers (the GeoJSON export) can
+#: then hold one group at a time, whatever the number of objects.
+ROW_GROUP = 50_000
 
 
 def create_labels(root: Path, name: str, shape: tuple[int, int], chunk: int,
@@ -288,6 +291,11 @@ def write_atomic(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_parquet_atomic(path: Path, table) -> None:
+    """A pandas ``table`` as Parquet in row groups of :data:`ROW_GROUP` rows, atomically."""
+    write_atomic(path, lambda fh: table.to_parquet(fh, index=False, row_group_size=ROW_GROUP))
 
 
 def write_json_atomic(path: Path, value) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from skimage.morphology import convex_hull_image
 
 from cellmask.errors import InputError
 from cellmask.sources import sync_scheduler
@@ -56,10 +55,14 @@ def measure(labels: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame
     return table
 
 
-def _measure_padded(lab: np.ndarray, image: np.ndarray | None) -> pd.DataFrame:
+def _measure_padded(lab: np.ndarray, image: np.ndarray | None,
+                    hulls: list | None = None) -> pd.DataFrame:
     """Measurements of ``lab`` ``(H, W)`` int, whose outermost rows and columns are 0.
 
     Coordinates are in ``lab``'s frame. ``image``: ``(H, W)`` or ``(H, W, C)`` float64 or None.
+    ``hulls``: if a list, the convex hulls are left to the caller (one pass over the objects
+    of many frames costs less than one per frame): the inputs of :func:`_convex_areas` are
+    appended to it and ``solidity`` holds the area until divided by the hull's.
     """
     h, w = lab.shape
     flat = lab.ravel()
@@ -89,10 +92,13 @@ def _measure_padded(lab: np.ndarray, image: np.ndarray | None) -> pd.DataFrame:
     table = {"label": label, "area": area.astype(np.float64), "centroid-0": cr,
              "centroid-1": cc, "bbox-0": bbox[0], "bbox-1": bbox[1], "bbox-2": bbox[2],
              "bbox-3": bbox[3], "eccentricity": ecc,
-             "solidity": area / _convex_areas(group, rows, cols, len(label), bbox),
+             "solidity": (area / _convex_areas(group, rows, cols, len(label), bbox)
+                          if hulls is None else area.astype(np.float64)),
              "perimeter": _perimeters(lab, label),
              "axis_major_length": 4 * np.sqrt(l1), "axis_minor_length": 4 * np.sqrt(l2),
              "orientation": orientation}
+    if hulls is not None:
+        hulls.append((group, rows, cols, bbox))
     if image is not None:
         values = image.reshape(h * w, -1)[pix]
         channels = values.shape[1]
@@ -170,6 +176,9 @@ def _convex_areas(group: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
         if len(members) == 0:
             continue
         if len(members) < lockstep_min:  # a few tall objects: lockstep steps cost more
+            # imported here: scikit-image's morphology costs 0.5 s of every start-up
+            from skimage.morphology import convex_hull_image
+
             for k in members:
                 sel = slice(*np.searchsorted(group, [k, k + 1]))
                 mask = np.zeros((height[k], bbox[3][k] - bbox[1][k]), bool)
@@ -243,21 +252,23 @@ def _envelope(f: np.ndarray) -> np.ndarray:
     return ya + (yb - ya) * np.clip((q[None] - xa) / span, 0, 1)
 
 
-def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame:
+def measure_instances(kept, source, cell: int = 1024, read=None,
+                      threads: int = 1) -> pd.DataFrame:
     """Measurements of resolved whole-image instances (:class:`cellmask.stitch.InstanceSet`,
     id = position + 1), reading ``source`` (:class:`cellmask.sources.ImageSource`) region by region.
 
     Each object is measured on its complete mask, wherever tile or chunk borders fall, so the
     table equals ``regionprops_table`` of the whole label image. Objects are grouped by the
     ``cell`` the top-left corner of their window falls in; each group's bounding region is read
-    once, with ``read(region)`` (``(y0, y1, x0, x1)`` -> ``(h, w, C)``) if given.
+    once, with ``read(region)`` (``(y0, y1, x0, x1)`` -> ``(h, w, C)``) if given, and groups are
+    measured by ``threads`` threads at once (numpy's reductions release the GIL); the convex
+    hulls of all objects are then found in one pass.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for k, (x0, y0, _, _) in enumerate(kept.windows):
         groups.setdefault((int(y0) // cell, int(x0) // cell), []).append(k)
-    frames = []
-    for key in sorted(groups):
-        ks = groups[key]
+
+    def one(ks: list[int]) -> tuple[pd.DataFrame, tuple]:
         w = kept.windows[ks]
         rx0, ry0 = int(w[:, 0].min()), int(w[:, 1].min())
         rx1, ry1 = int(w[:, 2].max()), int(w[:, 3].max())
@@ -272,11 +283,36 @@ def measure_instances(kept, source, cell: int = 1024, read=None) -> pd.DataFrame
         image[1:-1, 1:-1] = region
         if image.shape[-1] == 1:
             image = image[..., 0]
-        table = _measure_padded(local.astype(np.int64), image)
+        hull: list = []
+        table = _measure_padded(local.astype(np.int64), image, hull)
         for col, off in (("centroid-0", ry0 - 1), ("centroid-1", rx0 - 1), ("bbox-0", ry0 - 1),
                          ("bbox-1", rx0 - 1), ("bbox-2", ry0 - 1), ("bbox-3", rx0 - 1)):
             table[col] += off
-        frames.append(table)
-    if not frames:
+        return table, hull[0]
+
+    parts = [groups[key] for key in sorted(groups)]
+    if threads > 1 and len(parts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(parts))) as pool:
+            done = list(pool.map(one, parts))
+    else:
+        done = [one(ks) for ks in parts]
+    if not done:
         return measure(np.zeros((1, 1), np.int32), np.zeros((1, 1)))
-    return pd.concat(frames).sort_values("label").reset_index(drop=True)
+    table = pd.concat([t for t, _ in done], ignore_index=True)
+    table["solidity"] /= _all_convex_areas([h for _, h in done])
+    return table.sort_values("label").reset_index(drop=True)
+
+
+def _all_convex_areas(hulls: list) -> np.ndarray:
+    """:func:`_convex_areas` of the objects of several frames (``(group, rows, cols, bbox)``
+    each, as :func:`_measure_padded` appends them), in one pass: each object's hull depends on
+    its own pixels only, so frames are joined by offsetting their object indices."""
+    offset, groups = 0, []
+    for group, _, _, bbox in hulls:
+        groups.append(group + offset)
+        offset += len(bbox[0])
+    bbox = tuple(np.concatenate([h[3][i] for h in hulls]) for i in range(4))
+    return _convex_areas(np.concatenate(groups), np.concatenate([h[1] for h in hulls]),
+                         np.concatenate([h[2] for h in hulls]), offset, bbox)

@@ -39,7 +39,8 @@ from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F4
 from cellmask.labels_store import (DATASETS, check_shape, create_image, create_labels,
                                    fsync_tree, labels_level0, read_json, save_npz_atomic,
                                    tile_pyramid, write_atomic, write_image_levels,
-                                   write_json_atomic, write_levels, write_pyramid)
+                                   write_json_atomic, write_levels, write_parquet_atomic,
+                                   write_pyramid)
 from cellmask.memory import limit_arenas, trim
 from cellmask.run_state import (RunFolder, check_not_foreign, differences, labels_digest,
                                 source_identity, tile_key)
@@ -340,8 +341,10 @@ class _Stages:
     # --- survey
     def survey(self) -> None:
         cfg = self.cfg
-        self.look = survey_image(self.src, self.model.config.norm_percentiles, cfg.modality,
-                                 skip_corrupt=cfg.skip_corrupt)
+        mc = self.model.config
+        self.look = survey_image(self.src, mc.norm_percentiles, cfg.modality,
+                                 skip_corrupt=cfg.skip_corrupt,
+                                 second_stain=mc.second_stain_weight)
         self.appearance = self.look.appearance
         tt = time.perf_counter()
         if cfg.tissue_mask and self.src.array.shape[2] == 3 \
@@ -523,7 +526,7 @@ class _Stages:
         kept = resolve(InstanceSet.concatenate(parts),
                        min_visible_fraction=c.min_visible_fraction, min_area=c.min_area)
         self.kept = kept
-        _check_halo(kept, self.cfg.halo, self.scale)
+        _check_halo(kept, self.cfg.halo, len(self.tiles))
         index = SpatialIndex(kept, tile)
         level0 = group["0"]
         whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
@@ -616,7 +619,8 @@ class _Stages:
             from cellmask.qc import object_signals, run_summary
 
             table = measure_instances(self.kept, src, self.cfg.tile,
-                                      read=lambda r: read_window(src, r, skip)[0])
+                                      read=lambda r: read_window(src, r, skip)[0],
+                                      threads=_output_threads())
             table = object_signals(table, self.kept.scores, self.kept.mask_confidence,
                                    src.shape, self.cfg.tile)
             _write_table(self.group_dir / "measurements", table)
@@ -750,7 +754,7 @@ class _Stages:
 
 def _write_table(stem: Path, table) -> None:
     """``stem.parquet`` and ``stem.csv``, each written atomically."""
-    write_atomic(stem.with_suffix(".parquet"), lambda fh: table.to_parquet(fh, index=False))
+    write_parquet_atomic(stem.with_suffix(".parquet"), table)
     write_atomic(stem.with_suffix(".csv"),
                  lambda fh: fh.write(table.to_csv(index=False).encode()))
 
@@ -769,8 +773,10 @@ def _output_threads() -> int:
     return max(1, min(4, cores))
 
 
-def _check_halo(kept: InstanceSet, halo: int, scale: float) -> None:
-    if not len(kept):
+def _check_halo(kept: InstanceSet, halo: int, tiles: int) -> None:
+    """Warn when objects are wider than the halo of a run of several ``tiles`` (an image of
+    one tile has no seams to cut them)."""
+    if not len(kept) or tiles <= 1:
         return
     w = kept.windows
     largest = int(max((w[:, 2] - w[:, 0]).max(), (w[:, 3] - w[:, 1]).max()))

@@ -30,11 +30,13 @@ class Survey:
 
 
 def survey_image(src: ImageSource, percentiles, modality: str = "auto",
-                 max_samples: int = 4_000_000, skip_corrupt: bool = False) -> Survey:
+                 max_samples: int = 4_000_000, skip_corrupt: bool = False,
+                 second_stain: float = 0.0) -> Survey:
     """Modality, stains and intensity range of the whole image, from a regular strided sample
     (the same sample ``Model.segment`` takes of an in-memory image, so both map alike), with
     the sample itself (a brightfield slide's tissue is found on it, without reading the slide
-    again) and its digest.
+    again) and its digest. ``percentiles`` and ``second_stain``: the model's
+    ``norm_percentiles`` and ``second_stain_weight``.
     """
     h, w = src.shape
     c = src.array.shape[2]
@@ -64,7 +66,7 @@ def survey_image(src: ImageSource, percentiles, modality: str = "auto",
     if not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
-    return Survey(estimate(sample, modality, percentiles), view, step, digest)
+    return Survey(estimate(sample, modality, percentiles, second_stain), view, step, digest)
 
 
 def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):

@@ -80,6 +80,45 @@ def test_appearance_round_trips_and_refuses_unknown_modality():
         estimate(sample_pixels(as_channels_first(image)), "phase")
 
 
+def test_second_stain_share_adds_to_hematoxylin_and_is_recorded():
+    """With a share w of the second stain the network's signal is h + w * e under the image's
+    own stain matrix; w = 0 is hematoxylin alone, and records made without it still match."""
+    from cellmask.appearance import concentrations
+
+    image, _ = load_fixture("histo_0e4c2e2780de")
+    chw = as_channels_first(image)
+    sample = sample_pixels(chw)
+    plain, mixed = estimate(sample), estimate(sample, second_stain=0.5)
+    assert plain.stains == mixed.stains and mixed.second_stain == 0.5
+    conc = concentrations(chw, np.asarray(mixed.stains), np.asarray(mixed.background), n=2)
+    signal = conc[0] + 0.5 * conc[1]
+    expected = (signal - mixed.lo[0]) / (mixed.hi[0] - mixed.lo[0])
+    assert np.allclose(mixed.apply(chw)[0], expected, atol=1e-4)
+    assert not np.allclose(plain.apply(chw)[0], mixed.apply(chw)[0], atol=1e-2)
+    assert "second_stain" not in plain.to_dict()
+    assert Appearance.from_dict(json.loads(json.dumps(mixed.to_dict()))) == mixed
+    fluo = estimate(sample_pixels(as_channels_first(load_fixture("fluo_29dd28df98ee")[0])),
+                    second_stain=0.5)
+    assert fluo.modality == "fluorescence" and "second_stain" not in fluo.to_dict()
+
+
+def test_model_second_stain_weight_reaches_the_run(tmp_path, shipped_model):
+    """The model's ``second_stain_weight`` is what a whole-image run maps brightfield with
+    (recorded in the output), and ``Model.segment`` maps alike."""
+    image, _ = load_fixture("histo_0e4c2e2780de")
+    model = shipped_model.with_config(second_stain_weight=0.25)
+    result = cellmask.segment_zarr(image, tmp_path / "o.ome.zarr", model=model,
+                                   progress=False, measure=False)
+    record = zarr.open_group(str(result.path), mode="r").attrs["cellmask"]
+    assert record["appearance"]["second_stain"] == 0.25
+    assert np.array_equal(np.asarray(result.labels), model.segment(image))
+    from cellmask.config import ModelConfig
+
+    assert ModelConfig.from_json(model.config.to_json()).second_stain_weight == 0.25
+    with pytest.raises(ValueError, match="second_stain_weight"):
+        ModelConfig.from_dict({"second_stain_weight": 3.0})
+
+
 def test_od_of_glass_is_zero():
     od = optical_density(np.full((3, 4, 4), 240.0, np.float32), np.array([240.0, 240, 240]))
     assert np.all(od == 0)

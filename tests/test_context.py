@@ -37,6 +37,12 @@ def test_effective_context_of_known_networks():
     # two of them: theoretical radius 8, but the weight concentrates at the centre
     two = effective_context(_Convs(9, 2), 1)
     assert 4 < two < 8
+    # measured alike where inference and int8 calibration run: without autograd
+    net = _Convs(9, 2)
+    with torch.no_grad():
+        assert effective_context(net, 1) == two
+    with torch.inference_mode():
+        assert effective_context(net, 1) == two
 
 
 def test_auto_halo_from_context_objects_and_scale(caplog):

@@ -53,6 +53,27 @@ def test_geojson_polygons_match_the_labels(tmp_path):
     assert min(ious) >= 0.95 and np.mean(ious) > 0.99
 
 
+def test_tables_are_written_and_read_in_row_groups(tmp_path, monkeypatch):
+    """A run's table is written in row groups of ``ROW_GROUP`` rows, and the export reads one
+    group at a time, sliced to its batch size (memory flat in the number of objects)."""
+    import pyarrow.parquet as pq
+
+    from cellmask import geojson, labels_store
+
+    monkeypatch.setattr(labels_store, "ROW_GROUP", 10)
+    image, truth = load_fixture("fluo_e23e11414ee6")
+    result = cellmask.segment_zarr(image, tmp_path / "o.ome.zarr", tile=128, halo=48,
+                                   detector=oracle(truth), model=_tiny_model(), progress=False)
+    table_path = result.path / "measurements.parquet"
+    sizes = [pq.ParquetFile(table_path).metadata.row_group(i).num_rows
+             for i in range(pq.ParquetFile(table_path).num_row_groups)]
+    assert len(sizes) > 2 and max(sizes) == 10 and sum(sizes) == len(result.table)
+    parts = list(geojson._parquet_batches(table_path, 4))
+    assert max(p.num_rows for p in parts) == 4
+    assert np.array_equal(np.concatenate([p.column("label").to_numpy() for p in parts]),
+                          result.table["label"].to_numpy())
+
+
 def test_geojson_of_objects_with_holes_and_pieces():
     from shapely.geometry import shape
 

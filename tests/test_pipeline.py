@@ -412,6 +412,12 @@ def test_objects_larger_than_the_halo_are_reported(tmp_path, caplog):
                               halo=32, progress=False, detector=oracle(truth),
                               model=_tiny_model(), measure=False)
     assert any("--halo 96" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # one tile: no seam can cut it, nothing to warn of
+        cellmask.segment_zarr((truth > 0).astype(np.uint8), tmp_path / "one.zarr", tile=256,
+                              halo=32, progress=False, detector=oracle(truth),
+                              model=_tiny_model(), measure=False)
+    assert not any("halo" in r.message for r in caplog.records)
 
 
 def test_parallel_tile_workers_give_the_same_labels(tmp_path, shipped_model):

@@ -44,12 +44,14 @@ def effective_context(backbone: torch.nn.Module, in_channels: int,
     """Radius (network px, along rows or columns) holding ``share`` of the input gradient of
     the centre of ``backbone``'s first (finest) output, on a uniform mid-grey input."""
     param = next(backbone.parameters())
-    x = torch.full((1, in_channels, _PROBE_SIDE, _PROBE_SIDE), 0.5, dtype=torch.float32,
-                   device=param.device, requires_grad=True)
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.enable_grad():
+        # gradients even when called under no_grad or inference_mode (int8 calibration and
+        # inference run so, and the first run of a network measures its context there)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.full((1, in_channels, _PROBE_SIDE, _PROBE_SIDE), 0.5,
+                           dtype=torch.float32, device=param.device, requires_grad=True)
             finest = next(iter(backbone(x.to(param.dtype)).values()))
             h, w = finest.shape[-2:]
             (grad,) = torch.autograd.grad(finest[0, :, h // 2, w // 2].abs().sum(), x)

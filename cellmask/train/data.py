@@ -10,8 +10,8 @@ Every random choice of a batch is drawn from a generator seeded by ``(seed, step
 deterministic and a resumed run draws exactly the batches the uninterrupted run would have.
 
 Each image goes through :mod:`cellmask.appearance` exactly as at inference (modality decided
-once per image, brightfield stain-separated into its hematoxylin channel), so the network is
-trained on what it will see. Brightfield colour images also keep their second stain, so that
+once per image, brightfield stain-separated into its hematoxylin channel, plus the model's
+share of the second stain), so the network is trained on what it will see. Brightfield colour images also keep their second stain, so that
 stain jitter can leak a random fraction of it into the hematoxylin channel, as a mis-estimated
 stain matrix would.
 """
@@ -48,10 +48,11 @@ class Sample:
 
 def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
                    percentiles: tuple[float, float] = (1.0, 99.8),
-                   modality: str = "auto") -> Sample:
-    """A :class:`Sample` of one raw image, through the same appearance mapping as inference."""
+                   modality: str = "auto", second_stain: float = 0.0) -> Sample:
+    """A :class:`Sample` of one raw image, through the same appearance mapping as inference
+    (``second_stain``: the model's ``second_stain_weight``)."""
     chw = as_channels_first(image)
-    app = estimate(sample_pixels(chw), modality, percentiles)
+    app = estimate(sample_pixels(chw), modality, percentiles, second_stain)
     stain = None
     if app.modality == "brightfield" and chw.shape[0] == 3:
         conc = concentrations(chw, np.asarray(app.stains), np.asarray(app.background))
@@ -78,7 +79,7 @@ def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
 
 def load_samples(data_dir: str | Path, split: str | Path,
                  percentiles: tuple[float, float] = (1.0, 99.8),
-                 modality: str = "auto") -> list[Sample]:
+                 modality: str = "auto", second_stain: float = 0.0) -> list[Sample]:
     """Read every image of a split into memory, as the network sees it."""
     data_dir = Path(data_dir)
     samples = []
@@ -87,7 +88,8 @@ def load_samples(data_dir: str | Path, split: str | Path,
         labels = tifffile.imread(data_dir / "masks" / f"{name}.tif").astype(np.int32)
         if image.shape[:2] != labels.shape:
             raise InputError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
-        samples.append(prepare_sample(name, image, labels, percentiles, modality))
+        samples.append(prepare_sample(name, image, labels, percentiles, modality,
+                                      second_stain))
     log.info("loaded %d images from %s", len(samples), split)
     return samples
 

@@ -83,13 +83,14 @@ def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch
     return trainable
 
 
-def training_samples(cfg: TrainConfig, percentiles: tuple[float, float]
-                     ) -> tuple[list, list[float] | None]:
+def training_samples(cfg: TrainConfig, percentiles: tuple[float, float],
+                     second_stain: float = 0.0) -> tuple[list, list[float] | None]:
     """The samples of ``cfg.data``/``cfg.split`` and of every ``cfg.more_data`` set, and each
-    sample's drawing weight (None: uniform, when there is one set)."""
+    sample's drawing weight (None: uniform, when there is one set); ``percentiles`` and
+    ``second_stain`` as the model's configuration has them."""
     for split in [cfg.split] + [more[1] for more in cfg.more_data]:
         refuse_test_split(split, "train", "a training split")
-    samples = load_samples(cfg.data, cfg.split, percentiles)
+    samples = load_samples(cfg.data, cfg.split, percentiles, second_stain=second_stain)
     if not cfg.more_data:
         return samples, None
     rest = 1.0 - sum(float(share) for _, _, share in cfg.more_data)
@@ -98,7 +99,7 @@ def training_samples(cfg: TrainConfig, percentiles: tuple[float, float]
                          "than 1 (the main set has the rest)")
     weights = [rest / len(samples)] * len(samples)
     for data, split, share in cfg.more_data:
-        more = load_samples(data, split, percentiles)
+        more = load_samples(data, split, percentiles, second_stain=second_stain)
         samples += more
         weights += [float(share) / len(more)] * len(more)
     return samples, weights
@@ -206,7 +207,8 @@ def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
 
     weights = None
     if samples is None:
-        samples, weights = training_samples(cfg, model_cfg.norm_percentiles)
+        samples, weights = training_samples(cfg, model_cfg.norm_percentiles,
+                                            model_cfg.second_stain_weight)
     sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights)
     meta = {**inherited, "train_config": str(asdict(cfg)), "device": str(device)}
 
