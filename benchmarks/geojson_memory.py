@@ -80,8 +80,9 @@ def write_output(root: Path, objects: int, spacing: int, chunk: int = 1024) -> t
     rng = np.random.default_rng(0)
     for name in COLUMNS:
         table[name] = rng.random(objects)
+    # row groups as cellmask writes its tables
     pd.DataFrame(table).to_parquet(Path(root) / "labels" / "cellmask" / "measurements.parquet",
-                                   index=False, row_group_size=50_000)  # as cellmask writes its tables
+                                   index=False, row_group_size=50_000)
     return shape
 
 

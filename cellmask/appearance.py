@@ -7,9 +7,10 @@ them. Fluorescence images are mapped channel by channel from their 1st/99.8th pe
 into stains with a per-image stain matrix (Macenko et al., ISBI 2009: the plane of the two
 largest principal directions of the tissue's optical density, and the extreme angles in it);
 the hematoxylin concentration, which stains nuclei, is the network's input, plus a fraction of
-the second stain where the model asks for it (``ModelConfig.second_stain_weight``: pale
-nuclei of single-dye stains carry part of their density along the second direction). Grey
-brightfield is inverted. Every number used is recorded in :class:`Appearance`, which the run stores in its
+the second stain where the model asks for it (``ModelConfig.second_stain_weight``, 0 in the
+shipped models: pale nuclei of single-dye stains carry part of their density along the second
+direction, but on H&E the second stain is eosin, the cytoplasm). Grey brightfield is
+inverted. Every number used is recorded in :class:`Appearance`, which the run stores in its
 output metadata and its fingerprint.
 
 Frames: a pixel sample is ``(N, C)``; an image or tile is channels-first ``(C, h, w)`` raw;

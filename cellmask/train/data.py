@@ -11,9 +11,9 @@ deterministic and a resumed run draws exactly the batches the uninterrupted run 
 
 Each image goes through :mod:`cellmask.appearance` exactly as at inference (modality decided
 once per image, brightfield stain-separated into its hematoxylin channel, plus the model's
-share of the second stain), so the network is trained on what it will see. Brightfield colour images also keep their second stain, so that
-stain jitter can leak a random fraction of it into the hematoxylin channel, as a mis-estimated
-stain matrix would.
+share of the second stain), so the network is trained on what it will see. Brightfield colour
+images also keep their second stain, so that stain jitter can leak a random fraction of it
+into the hematoxylin channel, as a mis-estimated stain matrix would.
 """
 
 from __future__ import annotations
