@@ -262,7 +262,8 @@ def measure_instances(kept, source, cell: int = 1024, read=None,
     ``cell`` the top-left corner of their window falls in; each group's bounding region is read
     once, with ``read(region)`` (``(y0, y1, x0, x1)`` -> ``(h, w, C)``) if given, and groups are
     measured by ``threads`` threads at once (numpy's reductions release the GIL); the convex
-    hulls of all objects are then found in one pass.
+    hulls are found in one pass per run of groups of at most :data:`HULL_PASS_PIXELS`, so
+    memory stays bounded on a slide of any size.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for k, (x0, y0, _, _) in enumerate(kept.windows):
@@ -290,19 +291,48 @@ def measure_instances(kept, source, cell: int = 1024, read=None,
             table[col] += off
         return table, hull[0]
 
-    parts = [groups[key] for key in sorted(groups)]
-    if threads > 1 and len(parts) > 1:
+    tables = []
+    pool = None
+    if threads > 1 and len(groups) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-            done = list(pool.map(one, parts))
-    else:
-        done = [one(ks) for ks in parts]
-    if not done:
+        pool = ThreadPoolExecutor(min(threads, len(groups)))
+    try:
+        for passed in _hull_passes(kept.windows, [groups[key] for key in sorted(groups)]):
+            done = list(pool.map(one, passed) if pool is not None else map(one, passed))
+            convex = _all_convex_areas([h for _, h in done])
+            start = 0
+            for table, _ in done:
+                table["solidity"] /= convex[start:start + len(table)]
+                start += len(table)
+                tables.append(table)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if not tables:
         return measure(np.zeros((1, 1), np.int32), np.zeros((1, 1)))
-    table = pd.concat([t for t, _ in done], ignore_index=True)
-    table["solidity"] /= _all_convex_areas([h for _, h in done])
-    return table.sort_values("label").reset_index(drop=True)
+    return pd.concat(tables, ignore_index=True).sort_values("label").reset_index(drop=True)
+
+
+#: Object-window pixels whose hull inputs (3 int64 per object pixel) one pass may hold: about
+#: 200 MB at most, whatever the slide's size.
+HULL_PASS_PIXELS = 8_000_000
+
+
+def _hull_passes(windows: np.ndarray, parts: list[list[int]]):
+    """``parts`` (lists of object indices) in consecutive runs whose objects' windows
+    ``(x0, y0, x1, y1)`` cover at most :data:`HULL_PASS_PIXELS` (at least one part each)."""
+    run, size = [], 0
+    for ks in parts:
+        w = windows[ks]
+        area = int(((w[:, 2] - w[:, 0]) * (w[:, 3] - w[:, 1])).sum())
+        if run and size + area > HULL_PASS_PIXELS:
+            yield run
+            run, size = [], 0
+        run.append(ks)
+        size += area
+    if run:
+        yield run
 
 
 def _all_convex_areas(hulls: list) -> np.ndarray:
