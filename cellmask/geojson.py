@@ -42,7 +42,9 @@ def outline(mask: np.ndarray, y0: int = 0, x0: int = 0) -> dict | None:
 
     if not mask.any():
         return None
-    up = np.pad(np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8)), 1)
+    h, w = mask.shape
+    up = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)  # each pixel as 2 x 2, 1 px of padding
+    up[1:-1, 1:-1] = mask.repeat(2, 0).repeat(2, 1)
     rings = []
     for contour in find_contours(up, 0.5):
         # upsampled index u (with 1 px of padding) -> pixel-corner coordinate (u - 1 + 0.5) / 2
@@ -71,7 +73,8 @@ def _drop_collinear(xy: np.ndarray) -> np.ndarray:
     pts = xy[:-1] if np.array_equal(xy[0], xy[-1]) else xy
     if len(pts) < 3:
         return xy
-    prev, nxt = np.roll(pts, 1, 0), np.roll(pts, -1, 0)
+    prev = np.concatenate([pts[-1:], pts[:-1]])
+    nxt = np.concatenate([pts[1:], pts[:1]])
     cross = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - \
         (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
     kept = pts[np.abs(cross) > 1e-9]
