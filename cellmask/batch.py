@@ -101,7 +101,7 @@ def segment_batch(sources, out_dir: str | Path, *, model=None, device: str = "au
     ``settings`` as for :func:`cellmask.segment_zarr`. Returns a :class:`BatchResult`."""
     import pandas as pd
 
-    from cellmask.labels_store import write_atomic, write_parquet_atomic
+    from cellmask.labels_store import write_table_atomic
     from cellmask.model.segmenter import load_model
     from cellmask.pipeline import check_output, segment_zarr
 
@@ -145,7 +145,5 @@ def segment_batch(sources, out_dir: str | Path, *, model=None, device: str = "au
         table = pd.concat(frames, ignore_index=True)
         batch.table = table
         batch.table_path = out_dir / "measurements.parquet"
-        write_parquet_atomic(batch.table_path, table)
-        write_atomic(out_dir / "measurements.csv",
-                     lambda fh: fh.write(table.to_csv(index=False).encode()))
+        write_table_atomic(out_dir / "measurements", table)
     return batch

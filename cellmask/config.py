@@ -234,7 +234,8 @@ class RunConfig:
     cell_expansion: float = 0.0
     #: A channel (index or name) of a membrane or cytoplasm stain that bounds the cells: each
     #: nucleus claims the pixels it reaches at least cost over it, within ``cell_expansion``
-    #: (:func:`cellmask.compartments.grow_cells`); None grows them by distance alone. ``cell_boundary_kind``: what it shows.
+    #: (:func:`cellmask.compartments.grow_cells`); None grows them by distance alone.
+    #: ``cell_boundary_kind``: what it shows.
     cell_boundary: int | str | None = None
     cell_boundary_kind: str = "membrane"
     #: Which morphology and statistics the per-compartment table holds (default all).

@@ -24,14 +24,13 @@ def describe() -> str:
         flags = []
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     amx = any(f.startswith("amx") for f in flags)
-    cuda = (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+    gpu = (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
     # kernels limited below what the CPU has (to measure another CPU class on this one)
     limits = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
               if os.environ.get(k)]
-    if limits:
-        cuda += f"; kernels limited by {', '.join(limits)}"
+    limited = f"; kernels limited by {', '.join(limits)}" if limits else ""
     return (f"{model}; torch {torch.__version__} CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}; bf16 {'yes' if bf16 else 'no'}, "
             f"AMX {'yes' if amx else 'no'}; {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
-            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}{cuda}")
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}{gpu}{limited}")

@@ -293,9 +293,14 @@ def write_atomic(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def write_parquet_atomic(path: Path, table) -> None:
-    """A pandas ``table`` as Parquet in row groups of :data:`ROW_GROUP` rows, atomically."""
-    write_atomic(path, lambda fh: table.to_parquet(fh, index=False, row_group_size=ROW_GROUP))
+def write_table_atomic(stem: Path, table) -> None:
+    """A pandas ``table`` as ``stem.parquet`` (row groups of :data:`ROW_GROUP` rows) and
+    ``stem.csv``, each written atomically."""
+    stem = Path(stem)
+    write_atomic(stem.with_suffix(".parquet"),
+                 lambda fh: table.to_parquet(fh, index=False, row_group_size=ROW_GROUP))
+    write_atomic(stem.with_suffix(".csv"),
+                 lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
 def write_json_atomic(path: Path, value) -> None:

@@ -39,8 +39,8 @@ from cellmask.errors import InputError, OutputConflict, OutputLocked  # noqa: F4
 from cellmask.labels_store import (DATASETS, check_shape, create_image, create_labels,
                                    fsync_tree, labels_level0, read_json, save_npz_atomic,
                                    tile_pyramid, write_atomic, write_image_levels,
-                                   write_json_atomic, write_levels, write_parquet_atomic,
-                                   write_pyramid)
+                                   write_json_atomic, write_levels, write_pyramid,
+                                   write_table_atomic)
 from cellmask.memory import limit_arenas, trim
 from cellmask.run_state import (RunFolder, check_not_foreign, differences, labels_digest,
                                 source_identity, tile_key)
@@ -623,7 +623,7 @@ class _Stages:
                                       threads=_output_threads())
             table = object_signals(table, self.kept.scores, self.kept.mask_confidence,
                                    src.shape, self.cfg.tile)
-            _write_table(self.group_dir / "measurements", table)
+            write_table_atomic(self.group_dir / "measurements", table)
             self.qc = run_summary(table, src.shape, self.cfg.tile, self.cfg.halo)
             write_json_atomic(self.group_dir / "qc.json", self.qc)
             log.info("quality: %d objects, %d low-confidence, %d size outliers, %d larger "
@@ -717,7 +717,7 @@ class _Stages:
             self.compartments, lambda r: read_window(every, r, skip)[0], channel_labels(every),
             nuclei_table, self.cfg.tile, self.cell_px, px_um[1] if px_um else None,
             self.cfg.measurements)
-        _write_table(self.group_dir / "compartments", table)
+        write_table_atomic(self.group_dir / "compartments", table)
         self.compartment_table = table
 
     def finish(self) -> None:
@@ -750,13 +750,6 @@ class _Stages:
         return SegmentationResult(self.group_dir, da.from_zarr(labels_level0(self.group_dir)),
                                   self.table, len(self.kept), dict(self.timings), self.corrupt,
                                   self.compartment_table)
-
-
-def _write_table(stem: Path, table) -> None:
-    """``stem.parquet`` and ``stem.csv``, each written atomically."""
-    write_parquet_atomic(stem.with_suffix(".parquet"), table)
-    write_atomic(stem.with_suffix(".csv"),
-                 lambda fh: fh.write(table.to_csv(index=False).encode()))
 
 
 def _unwritable(root: Path, err: OSError) -> InputError:

@@ -189,7 +189,7 @@ class SegmentWidget(Container):
             if tmp is not None:
                 tmp.cleanup()
         added = []
-        for name, data, multiscale in layers_data:  # nuclei last: on top, and the active one
+        for name, data, multiscale in layers_data:  # nuclei first; moved on top below
             added.append(self.viewer.add_labels(
                 data, name=name, multiscale=multiscale, scale=layer.scale[-2:],
                 translate=layer.translate[-2:], opacity=0.4 if added else 0.7,
