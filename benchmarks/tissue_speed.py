@@ -69,6 +69,7 @@ def main() -> None:
                       _zarr(tmp / "slide.zarr", synthetic_slide(args.size, args.background))}
         cellmask.segment_zarr(CMU1, tmp / "warm.ome.zarr", model=model, progress=False,
                               measure=False)
+        stages: dict[str, dict] = {}
         print("\n| input | tissue mask | seconds | tiles without tissue | objects | labels |")
         print("|---|---|---|---|---|---|")
         for k, (label, src) in enumerate(inputs.items()):
@@ -89,7 +90,11 @@ def main() -> None:
                         "DIFFERENT")
                 print(f"| {label} | {'on' if mask else 'off'} | {seconds:.1f} | {skipped} | "
                       f"{r.objects} | {same} |")
+                stages[f"{label}, mask {'on' if mask else 'off'}"] = r.timings
             print(f"| {label} | speed-up | {out[False][0] / out[True][0]:.2f}x | | | |")
+        print("\nWhere the time went (s):")
+        for name, timings in stages.items():
+            print(f"{name}: {({k: round(v, 2) for k, v in timings.items()})}")
 
 
 if __name__ == "__main__":

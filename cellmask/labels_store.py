@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -273,6 +274,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux), else
+    set and restored (not atomic with other threads, hence the first way)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """Permission bits for a new file at ``path``: those of the file it replaces, else the
+    mode ``open()`` would give (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def write_atomic(path: Path, write) -> None:
     """Write a file that is either whole or absent, whatever stops the process: ``write(fh)``
     fills a unique temporary file beside ``path`` (so two writers never share one), which is
@@ -282,6 +306,9 @@ def write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)  # reopened by name: writers such as tifffile want a named file
     try:
+        # mkstemp makes files private (0600); a table or GeoJSON is shared like any file the
+        # user writes: the mode of the file replaced, else 0666 less the umask
+        os.chmod(tmp, _mode_for(path))
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()

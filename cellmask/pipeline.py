@@ -24,7 +24,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -268,6 +267,8 @@ def run(source, output=None, *, model=None, device: str = "auto", client=None, d
                           "space and run the same command again to continue") from None
         raise
     finally:
+        if stages.image_copy is not None:  # no writes after the run ends, whatever ended it
+            stages.image_copy.stop()
         stages.folder.unlock()
     if output is not None and str(output).lower().endswith((".tif", ".tiff")):
         px = stages.src.pixel_size_um
@@ -291,6 +292,7 @@ class _Stages:
         self.tissue = None
         self.skipped: list[Tile] = []
         self.table = None
+        self.image_copy: _ImageCopy | None = None
 
     # --- open
     def open(self, source, output, model, device) -> None:
@@ -448,6 +450,9 @@ class _Stages:
         n_workers = self.n_workers
         limit_arenas(2 + n_workers)  # before threads start: see cellmask.memory
         self.group = self._create_output()
+        if self.image_group is not None:
+            self.image_copy = _ImageCopy(self.image_src, self.image_group, self.tiles,
+                                         cfg.skip_corrupt)
         self.timings["setup"] = time.perf_counter() - self.t_start
         t0 = time.perf_counter()
         done, objects, px = len(self.tiles) - len(self.todo), 0, 0
@@ -532,7 +537,6 @@ class _Stages:
         whole_chunks = tile_pyramid(group, tile)  # outputs of older versions: not
         holes = corrupt_boxes(self.corrupt)
         digests: dict[str, str] = {}
-        image_lock = threading.Lock() if tile % 4 else nullcontext()
 
         def paint(tl: Tile) -> None:  # a tile's core is whole output chunks: no two share one
             labels = paint_region(kept, index, tl.core)
@@ -545,11 +549,11 @@ class _Stages:
                 write_levels(group, tl.core, labels)
             else:
                 level0[y0:y1, x0:x1] = labels
-            if self.image_group is not None:  # the input beside its labels
-                pixels = read_window(self.image_src, tl.core, self.cfg.skip_corrupt)[0]
-                with image_lock:  # a real lock only when chunks of lower levels are shared
-                    write_image_levels(self.image_group, tl.core, pixels)
 
+        if self.image_copy is not None:  # the input beside its labels, copied meanwhile
+            tw = time.perf_counter()
+            self.image_copy.join()
+            self.timings["image_wait"] = time.perf_counter() - tw
         # the cores are otherwise idle here; encoding chunks releases the GIL
         with ThreadPoolExecutor(_output_threads()) as painters:
             for k, _ in enumerate(painters.map(paint, self.tiles)):
@@ -750,6 +754,46 @@ class _Stages:
         return SegmentationResult(self.group_dir, da.from_zarr(labels_level0(self.group_dir)),
                                   self.table, len(self.kept), dict(self.timings), self.corrupt,
                                   self.compartment_table)
+
+
+class _ImageCopy:
+    """The input copied into the output's NGFF image, tile core by tile core (every pyramid
+    level), in a thread of its own that starts with detection: it uses the time the network
+    leaves the cores (the reader waiting, a tile worker between passes), and painting only
+    waits for what is left. One window ``(h, w, C)`` is held at a time. Cores are whole
+    chunks of every level when the tile is a multiple of 4, and one thread writes them all,
+    so no two writes share a chunk either way.
+    """
+
+    def __init__(self, src: ImageSource, group, tiles: list[Tile], skip_corrupt: bool):
+        self._src, self._group, self._tiles, self._skip = src, group, tiles, skip_corrupt
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="cellmask-image-copy",
+                                        daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            for tl in self._tiles:
+                if self._stopped.is_set():
+                    return
+                pixels = read_window(self._src, tl.core, self._skip)[0]
+                write_image_levels(self._group, tl.core, pixels)
+        except BaseException as err:  # raised in the run's thread by join()
+            self._error = err
+
+    def join(self) -> None:
+        """Wait for the copy to finish; raise what stopped it."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop after the core being copied (a run that failed or ended); errors are the
+        run's to report, not the copy's."""
+        self._stopped.set()
+        self._thread.join()
 
 
 def _unwritable(root: Path, err: OSError) -> InputError:

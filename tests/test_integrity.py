@@ -1,7 +1,9 @@
 """Every output belongs to its input: identity, ownership, durability, clear refusals."""
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from fixtures import load_fixture
 from test_pipeline import _tiny_model, oracle
 
 import cellmask
+from cellmask import labels_store
 from cellmask.errors import OutputConflict, OutputLocked
 from cellmask.pipeline import output_root
 from cellmask.run_state import RunFolder
@@ -306,3 +309,19 @@ def test_distributed_equals_local_with_every_setting(tmp_path, shipped_model):
     assert local.corrupt and sorted(dist.corrupt) == sorted(local.corrupt)
     assert local.objects > 10
     assert np.array_equal(np.asarray(dist.labels), np.asarray(local.labels))
+
+
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path):
+    """A table or GeoJSON is readable by whom the umask allows, not private as temporary
+    files are made; a replaced file keeps its mode."""
+    old = os.umask(0o027)
+    try:
+        labels_store.write_atomic(tmp_path / "t.csv", lambda fh: fh.write(b"a\n1\n"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.csv").stat().st_mode) == 0o640
+    os.chmod(tmp_path / "t.csv", 0o604)
+    labels_store.write_atomic(tmp_path / "t.csv", lambda fh: fh.write(b"a\n2\n"))
+    assert stat.S_IMODE((tmp_path / "t.csv").stat().st_mode) == 0o604
+    assert (tmp_path / "t.csv").read_bytes() == b"a\n2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no temporary left

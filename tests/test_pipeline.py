@@ -455,3 +455,29 @@ def test_error_in_one_tile_worker_stops_the_run_cleanly(tmp_path, shipped_model)
     image[1301, 2001] = 0  # repaired: the same command finishes, keeping the saved tiles
     result = cellmask.segment_zarr(image, tmp_path / "o.zarr", measure=False, **kwargs)
     assert result.objects > 1000 and len(list((run_dir / "tiles").glob("*.npz"))) == 30
+
+
+def test_the_image_copy_stops_with_a_failed_run_and_is_whole_after_it(tmp_path):
+    """The input is copied into the output while tiles are detected; a run that fails leaves
+    no copying thread behind, and the run that finishes holds the whole input."""
+    import threading
+
+    image, truth = load_fixture("fluo_29dd28df98ee")
+    perfect, calls = oracle(truth), {"n": 0}
+
+    def failing(tile, window):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a tile failed")
+        return perfect(tile, window)
+
+    out = tmp_path / "o.zarr"
+    kwargs = dict(tile=64, halo=16, model=_tiny_model(), progress=False, measure=False)
+    with pytest.raises(RuntimeError, match="a tile failed"):
+        cellmask.segment_zarr(image, out, detector=failing, **kwargs)
+    assert not [t for t in threading.enumerate() if t.name == "cellmask-image-copy"]
+    result = cellmask.segment_zarr(image, out, detector=perfect, **kwargs)
+    root = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(root["0"][0], image)
+    np.testing.assert_array_equal(root["2"][0], image[::4, ::4])
+    assert same_partition(np.asarray(result.labels), truth)
