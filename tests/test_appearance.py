@@ -119,6 +119,27 @@ def test_model_second_stain_weight_reaches_the_run(tmp_path, shipped_model):
         ModelConfig.from_dict({"second_stain_weight": 3.0})
 
 
+def test_8bit_lookup_equals_the_computed_stain_separation():
+    """8-bit RGB is separated by table lookup; the numbers are those of the same image as
+    float32 (logarithms per pixel), black pixels included, so tiles read as 8 bits and an
+    in-memory image converted to float32 map alike."""
+    from cellmask.appearance import nuclear_signal
+
+    image, _ = load_fixture("histo_0e4c2e2780de")
+    chw = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+    assert chw.dtype == np.uint8
+    chw[:, :3, :5] = 0  # scanner padding: no data, read as glass
+    chw[0, 5, :5] = 0  # a zero in one channel only is an ordinary pixel
+    look = estimate(sample_pixels(chw))
+    stains, background = np.asarray(look.stains), np.asarray(look.background)
+    for second in (0.0, 0.5):
+        table = nuclear_signal(chw, stains, background, second)
+        computed = nuclear_signal(chw.astype(np.float32), stains, background, second)
+        assert table.shape == computed.shape == (1, *chw.shape[1:])
+        assert np.array_equal(table, computed)
+        assert np.all(table[0, :3, :5] == 0) and np.all(table[0, 5, :5] != 0)
+
+
 def test_od_of_glass_is_zero():
     od = optical_density(np.full((3, 4, 4), 240.0, np.float32), np.array([240.0, 240, 240]))
     assert np.all(od == 0)
