@@ -271,6 +271,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="../shared/data/dsb2018")
     p.add_argument("--split", default="splits/train.txt", help="a training split (never test)")
     p.add_argument("--images", type=int, default=32, help="images spread over the split")
+    p.add_argument("--fpn", action="store_true",
+                   help="quantise the FPN too (trunk and FPN as one int8 graph)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_run_calibrate)
 
@@ -279,7 +281,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from cellmask.train.calibrate import calibrate_model
 
     path, record = calibrate_model(args.weights, args.data, args.split, args.out,
-                                   images=args.images)
+                                   images=args.images,
+                                   trunk_part="backbone" if args.fpn else "trunk")
     print(f"wrote {path}: {record}")
     return 0
 

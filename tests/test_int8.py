@@ -73,15 +73,35 @@ def test_thread_copies_compute_what_the_model_computes(int8_model):
     assert one.max() > 20 and np.array_equal(one, two)
 
 
-def test_calibrate_writes_ranges_that_load_and_refuses_test_splits(dataset_dir, tmp_path):
+@pytest.mark.parametrize("trunk_part", ["trunk", "backbone"])
+def test_calibrate_writes_ranges_that_load_and_refuses_test_splits(dataset_dir, tmp_path,
+                                                                  trunk_part):
+    """Calibrated with the FPN ("backbone") or without it, the file holds the ranges of the
+    parts it quantises, and its int8 network finds the nuclei float32 finds."""
+    from cellmask.model.quantize import Int8Backbone, Int8Trunk
+
     out = tmp_path / "calibrated.safetensors"
     with pytest.raises(InputError, match="training split"):
         calibrate_model("nuclei", dataset_dir, "splits/test.txt", out)
-    path, record = calibrate_model("nuclei", dataset_dir, "splits/train.txt", out, images=2)
+    path, record = calibrate_model("nuclei", dataset_dir, "splits/train.txt", out, images=2,
+                                   trunk_part=trunk_part)
     assert record["images"] == 2 and record["tensors"] > 100
+    state, _, _ = load_weights(path)
+    parts = {k[len(PREFIX):].split(".")[0] for k in state if k.startswith(PREFIX)}
+    assert parts == {trunk_part, "rpn_head", "mask_head"}
     model = cellmask.load_model(path, device="cpu", precision="int8")
+    backbone = model.runner.backbone
+    if trunk_part == "backbone":
+        assert isinstance(backbone.body, Int8Backbone)
+        assert isinstance(backbone.fpn, torch.nn.Identity)
+    else:
+        assert isinstance(backbone.body, Int8Trunk)
+        assert not isinstance(backbone.fpn, torch.nn.Identity)
     image, _ = load_fixture("fluo_29dd28df98ee")
-    assert model.segment(image).max() > 20
+    found = model.segment(image)
+    assert found.max() > 20
+    fp32 = cellmask.load_model(path, device="cpu", precision="fp32").segment(image)
+    assert _agreement(fp32, found, 0.5) >= 0.93
 
 
 def test_broken_or_missing_calibration_is_refused(tmp_path):

@@ -212,10 +212,11 @@ class Model:
 #: convolution, the RoI features, the box head's hidden layers and the mask branch in bf16
 #: (fp16 on GPUs without bf16), the FPN, the objectness and box-delta layers and the box
 #: classifier/regressor in float32 (measured on ``val``: as accurate as fp32, where full bf16
-#: is not); all bf16; all fp16; "int8": the trunk, the proposal head and the mask head in
+#: is not); all bf16; all fp16; "int8": the trunk (with the FPN, where the file's
+#: calibration covers it, as the shipped one does), the proposal head and the mask head in
 #: int8 on CPUs, with the activation ranges stored in the weights file
 #: (:mod:`cellmask.model.quantize`; measured on ``val`` and ``fluo_test``: within 0.003 AP@0.5
-#: of fp32).
+#: of fp32 or above it).
 PRECISIONS = ("fp32", "mixed", "bf16", "fp16", "int8")
 
 

@@ -9,13 +9,12 @@ architecture) is refused with a :class:`WeightsError` saying what is wrong.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cellmask.config import ModelConfig
 from cellmask.errors import WeightsError  # noqa: F401  (re-exported)
@@ -26,15 +25,17 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, and torch.save's
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], config: ModelConfig,
                  meta: dict[str, str] | None = None) -> Path:
-    """Write ``state`` and ``config`` to ``path`` atomically (a killed write leaves no half file)."""
+    """Write ``state`` and ``config`` to ``path`` atomically (a killed write leaves no half file,
+    two writers never share a temporary one) and durably, readable as any file the user
+    writes."""
+    from cellmask.labels_store import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "config": config.to_json()}
     header.update({k: str(v) for k, v in (meta or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata=header)
-    os.replace(tmp, path)
+    data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=header)
+    write_atomic(path, lambda fh: fh.write(data))
     return path
 
 

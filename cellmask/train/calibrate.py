@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def calibrate_model(weights: str | Path, data_dir: str | Path, split: str | Path,
-                    out: str | Path, *, images: int = 32) -> tuple[Path, dict]:
+                    out: str | Path, *, images: int = 32, trunk_part: str = "trunk"
+                    ) -> tuple[Path, dict]:
     """Segment ``images`` images spread evenly over ``split`` (a training split: never test)
     with the float32 network of ``weights``, record the activation ranges of its int8 parts and
-    write ``out``: the same weights, thresholds and card, plus the int8 calibration.
+    write ``out``: the same weights, thresholds and card, plus the int8 calibration
+    (``trunk_part`` "backbone": the FPN is quantised with the trunk, see
+    :data:`cellmask.model.quantize.TRUNK_PARTS`).
     Returns the written path and what was recorded (images, tensors, seconds)."""
     refuse_test_split(split, "calibrate", "a training split")
     names = read_split(Path(data_dir), split)
@@ -38,9 +41,10 @@ def calibrate_model(weights: str | Path, data_dir: str | Path, split: str | Path
             for _, image, _ in iter_split(Path(data_dir), split, only=chosen):
                 model.segment(image, workers=1)  # one network: the observing one
 
-    tensors = calibrate(model.runner, run_images)
+    tensors = calibrate(model.runner, run_images, trunk_part)
     meta = {k: v for k, v in model.meta.items() if k not in ("format", "config")}
-    meta["int8_calibration"] = f"{len(chosen)} images of {split}, every {step}th"
+    meta["int8_calibration"] = (f"{len(chosen)} images of {split}, every {step}th"
+                                + ("; trunk and FPN in int8" if trunk_part == "backbone" else ""))
     path = save_weights(out, {**model.net.state_dict(), **tensors}, model.config, meta)
     record = {"images": len(chosen), "tensors": len(tensors),
               "seconds": round(time.perf_counter() - t0, 1)}
