@@ -83,6 +83,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                         "the stains (H&E) once per image and segments the hematoxylin")
     p.add_argument("--no-tissue-mask", action="store_true",
                    help="brightfield: segment every tile, not only those with tissue")
+    p.add_argument("--no-image", action="store_true",
+                   help="leave the input image out of a new output store (labels and tables "
+                        "only; the labels name the input as their source)")
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--halo", type=int, default=None, metavar="PX",
                    help="context read around each tile, level-0 px (default: from the "
@@ -154,7 +157,8 @@ def _settings(args: argparse.Namespace) -> dict:
     return dict(tile=args.tile, halo=args.halo, batch_size=args.batch_size, axes=args.axes,
                 channel=args.channel, z=args.z, t=args.t, scale=args.scale,
                 diameter=args.diameter, pixel_size=args.pixel_size, modality=args.modality,
-                tissue_mask=not args.no_tissue_mask, name=args.name,
+                tissue_mask=not args.no_tissue_mask, write_image=not args.no_image,
+                name=args.name,
                 skip_corrupt=args.skip_corrupt, workers=args.workers, overwrite=args.overwrite,
                 cell_expansion=args.cell_expansion, cell_boundary=args.cell_boundary,
                 cell_boundary_kind=args.cell_boundary_kind,

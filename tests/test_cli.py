@@ -51,6 +51,25 @@ def test_segment_command(tmp_path):
     assert "Traceback" not in other.stderr
 
 
+def test_segment_without_the_image(tmp_path):
+    """``--no-image``: the store holds the labels and the table, not a copy of the input, and
+    the labels name the input as their source."""
+    import zarr
+
+    image, _ = load_sample()
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    out = tmp_path / "out.ome.zarr"
+    r = run("segment", str(src), "--out", str(out), "--no-image")
+    assert r.returncode == 0, r.stderr
+    root = zarr.open_group(str(out), mode="r")
+    assert "0" not in root and "multiscales" not in root.attrs.get("ome", {})
+    assert read_ome_zarr_labels(out).max() > 50
+    source = zarr.open_group(str(out / "labels" / "cellmask"), mode="r").attrs["ome"]
+    assert source["image-label"]["source"]["image"] == str(src)
+    assert (out / "labels" / "cellmask" / "measurements.csv").is_file()
+
+
 @pytest.mark.parametrize("content,message", [(None, "does not exist"),
                                              (b"this is text", "cannot read")])
 def test_bad_input_files(tmp_path, content, message):
