@@ -769,8 +769,9 @@ class _ImageCopy:
         self._src, self._group, self._tiles, self._skip = src, group, tiles, skip_corrupt
         self._stopped = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._copy, name="cellmask-image-copy",
-                                        daemon=True)
+        # not a daemon: a run abandoned mid-way (a generator never finished) lets the copy end
+        # before the interpreter does, rather than killing it inside a chunk write
+        self._thread = threading.Thread(target=self._copy, name="cellmask-image-copy")
         self._thread.start()
 
     def _copy(self) -> None:
