@@ -13,10 +13,12 @@ shipped file's calibration). Files calibrated without it keep the FPN in float32
 
 Static quantisation needs the range of every activation. Those ranges are measured once, by
 ``cellmask calibrate`` on training images (never test images), and stored in the weights file
-as tensors named ``int8.<part>.<observer>.<buffer>`` (histograms and extremes, plain
-float tensors: nothing is unpickled). :func:`quantize_runner` rebuilds the same FX graphs,
-loads those observer states and converts: the int8 network is a pure function of the weights
-file, identical on every machine with the same oneDNN.
+as tensors named ``int8.<part>.<observer>.min_val|max_val``: the range each histogram
+observer's quantisation-error search chose, searched once at calibration (plain float tensors:
+nothing is unpickled; files calibrated before hold the histograms themselves, and are searched
+when loaded). :func:`quantize_runner` rebuilds the same FX graphs, loads those observer states
+and converts: the int8 network is a pure function of the weights file, identical on every
+machine with the same oneDNN.
 
 The quantised engine is process-wide state in torch (``torch.backends.quantized.engine``);
 it is set only while the kernels are packed and restored afterwards (:func:`_engine`).
@@ -165,13 +167,66 @@ def _float_parts(runner: nn.Module, trunk_part: str = "trunk"
             "rpn_head": (head, maps, Int8RPNHead), "mask_head": (mask, (rois,), Int8MaskHead)}
 
 
-def _prepare(module: nn.Module, example: tuple) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
+def _qconfig_mapping(ranges: bool):
+    """torch's default oneDNN mapping (histogram observers for activations), or with
+    ``ranges`` the same with min/max observers of the same dtype and range, which take the
+    ranges a calibration stored (:func:`_searched_ranges`) and convert without a search."""
+    from torch.ao.quantization import MinMaxObserver, QConfig, get_default_qconfig_mapping
+
+    mapping = get_default_qconfig_mapping(ENGINE)
+    if not ranges:
+        return mapping
+    default = mapping.global_qconfig
+    act = default.activation()
+    minmax = MinMaxObserver.with_args(dtype=act.dtype, qscheme=act.qscheme,
+                                      reduce_range=act.reduce_range, quant_min=act.quant_min,
+                                      quant_max=act.quant_max, eps=float(act.eps))
+    return mapping.set_global(QConfig(activation=minmax, weight=default.weight))
+
+
+def _prepare(module: nn.Module, example: tuple, ranges: bool = False) -> nn.Module:
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     with warnings.catch_warnings():  # torch's notice that FX mode moves to another package
         warnings.simplefilter("ignore")
-        return prepare_fx(module, get_default_qconfig_mapping(ENGINE), example_inputs=example)
+        return prepare_fx(module, _qconfig_mapping(ranges), example_inputs=example)
+
+
+def _searched_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``min_val``/``max_val`` of every histogram observer of ``prepared`` replaced by the
+    range its quantisation-error search chooses, so that a min/max observer holding them gives
+    the same scale and zero point.
+
+    The search (torch's ``HistogramObserver``) is what makes converting slow: about a second
+    per part on a 2-core CPU, paid by every process that loads the int8 network. Done here,
+    once, when the calibration is written. Each range is checked to reproduce the observer's
+    own quantisation parameters exactly.
+    """
+    from torch.ao.quantization import HistogramObserver, MinMaxObserver
+
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, dict[str, torch.Tensor]] = {}  # an observer can be reached by two names
+    for key in _observer_state(prepared):
+        if not key.endswith(".histogram"):
+            continue
+        name = key[:-len(".histogram")]
+        obs = prepared.get_submodule(name)
+        if not isinstance(obs, HistogramObserver):
+            raise RuntimeError(f"{name} is a {type(obs).__name__}, not a histogram observer")
+        if id(obs) not in done:
+            check = MinMaxObserver(dtype=obs.dtype, qscheme=obs.qscheme,
+                                   reduce_range=obs.reduce_range, quant_min=obs.quant_min,
+                                   quant_max=obs.quant_max, eps=float(obs.eps))
+            if not torch.isinf(obs.min_val).any():  # else it never saw data: defaults
+                lo, hi = obs._non_linear_param_search()
+                check(torch.stack([lo, hi]).reshape(-1).float())
+            want, got = obs.calculate_qparams(), check.calculate_qparams()
+            if not all(torch.equal(a, b) for a, b in zip(want, got)):
+                raise RuntimeError(f"the stored range of {name} does not reproduce its "
+                                   f"quantisation parameters ({want} vs {got})")
+            done[id(obs)] = {k: v.detach().clone() for k, v in check.state_dict().items()}
+        out.update({f"{name}.{k}": v for k, v in done[id(obs)].items()})
+    return out
 
 
 def _convert(prepared: nn.Module) -> nn.Module:
@@ -201,12 +256,13 @@ def _observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in prepared.state_dict().items() if "activation_post_process" in k}
 
 
-def calibrate(runner: nn.Module, run_images: Callable[[], None], trunk_part: str = "trunk"
-              ) -> dict[str, torch.Tensor]:
+def calibrate(runner: nn.Module, run_images: Callable[[], None], trunk_part: str = "trunk",
+              histograms: bool = False) -> dict[str, torch.Tensor]:
     """Activation ranges of the int8 parts of ``runner`` (a float32 CPU inference network;
     ``trunk_part``: :data:`TRUNK_PARTS`), observed while ``run_images()`` segments calibration
     images with it; returns the tensors to store in a weights file (names start with
-    :data:`PREFIX`). ``runner`` is restored."""
+    :data:`PREFIX`): the searched ranges, or with ``histograms`` the observers' histograms
+    as files written before ranges were stored hold them. ``runner`` is restored."""
     if trunk_part not in TRUNK_PARTS:
         raise ValueError(f"trunk_part must be one of {TRUNK_PARTS}, not {trunk_part!r}")
     saved = (runner.backbone.body, runner.backbone.fpn, runner.rpn.head,
@@ -222,7 +278,8 @@ def calibrate(runner: nn.Module, run_images: Callable[[], None], trunk_part: str
         (runner.backbone.body, runner.backbone.fpn, runner.rpn.head,
          runner.roi_heads.mask_head) = saved
     return {f"{PREFIX}{name}.{k}": v.detach().clone().contiguous()
-            for name, p in prepared.items() for k, v in _observer_state(p).items()}
+            for name, p in prepared.items()
+            for k, v in (_observer_state(p) if histograms else _searched_ranges(p)).items()}
 
 
 def copy_runner(runner: nn.Module) -> nn.Module:
@@ -248,9 +305,11 @@ def quantize_runner(runner: nn.Module, calibration: dict[str, torch.Tensor]) -> 
         raise WeightsError(f"this torch build has no {ENGINE} quantised kernels: use fp32")
     wrapped = {}
     with _TRACE_LOCK, _engine():
+        # calibrations written before ranges were stored hold the observers' histograms
+        ranges = not any(k.endswith(".histogram") for k in calibration)
         for name, (module, example, wrap) in _float_parts(runner,
                                                           trunk_part_of(calibration)).items():
-            prepared = _prepare(module, example)
+            prepared = _prepare(module, example, ranges)
             expected = _observer_state(prepared)
             given = {k[len(PREFIX) + len(name) + 1:]: v for k, v in calibration.items()
                      if k.startswith(f"{PREFIX}{name}.")}
@@ -259,8 +318,7 @@ def quantize_runner(runner: nn.Module, calibration: dict[str, torch.Tensor]) -> 
                                    f"({len(given)} tensors, {len(expected)} expected): "
                                    "re-run `cellmask calibrate`")
             for key, tensor in given.items():
-                if tensor.dtype != expected[key].dtype or (
-                        "histogram" in key and tensor.shape != expected[key].shape):
+                if tensor.dtype != expected[key].dtype or tensor.shape != expected[key].shape:
                     raise WeightsError(f"int8 calibration tensor {name}.{key} has "
                                        f"{tensor.dtype} {tuple(tensor.shape)}")
                 if not torch.isfinite(tensor).all():
