@@ -9,7 +9,8 @@ is quantised with the trunk, as one graph, when the calibration says so (``cellm
 --fpn``; a "backbone" part instead of "trunk"): with AVX2 kernels it made the trunk and FPN
 0.39-0.42 -> 0.32 s per 1,152 px tile at one thread, and ``val`` / ``fluo_test`` AP@0.5 0.841 /
 0.856 against 0.839 / 0.850 at fp32 and 0.844 / 0.855 with the trunk alone in int8 (the
-shipped file's calibration). Files calibrated without it keep the FPN in float32.
+earlier calibration; the shipped file now has the FPN in int8). Files calibrated without it
+keep the FPN in float32.
 
 Static quantisation needs the range of every activation. Those ranges are measured once, by
 ``cellmask calibrate`` on training images (never test images), and stored in the weights file
@@ -218,6 +219,8 @@ def _searched_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
                                    reduce_range=obs.reduce_range, quant_min=obs.quant_min,
                                    quant_max=obs.quant_max, eps=float(obs.eps))
             if not torch.isinf(obs.min_val).any():  # else it never saw data: defaults
+                # torch has no public call for the searched range (calculate_qparams returns
+                # only its result); the check below catches a torch whose search differs
                 lo, hi = obs._non_linear_param_search()
                 check(torch.stack([lo, hi]).reshape(-1).float())
             want, got = obs.calculate_qparams(), check.calculate_qparams()
