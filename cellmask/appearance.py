@@ -122,11 +122,6 @@ def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
     return conc
 
 
-def hematoxylin(chw: np.ndarray, stains: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Hematoxylin concentration ``(1, h, w)`` float32 of RGB ``(3, h, w)`` under ``stains``."""
-    return nuclear_signal(chw, stains, background)
-
-
 def nuclear_signal(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
                    second: float = 0.0) -> np.ndarray:
     """``(1, h, w)`` float32: hematoxylin + ``second`` x the second stain's concentration of

@@ -178,11 +178,16 @@ def _qconfig_mapping(ranges: bool):
     if not ranges:
         return mapping
     default = mapping.global_qconfig
-    act = default.activation()
-    minmax = MinMaxObserver.with_args(dtype=act.dtype, qscheme=act.qscheme,
-                                      reduce_range=act.reduce_range, quant_min=act.quant_min,
-                                      quant_max=act.quant_max, eps=float(act.eps))
+    minmax = MinMaxObserver.with_args(**_minmax_args(default.activation()))
     return mapping.set_global(QConfig(activation=minmax, weight=default.weight))
+
+
+def _minmax_args(observer) -> dict:
+    """The arguments of a min/max observer quantising as ``observer`` does (same dtype,
+    scheme and integer range)."""
+    return dict(dtype=observer.dtype, qscheme=observer.qscheme,
+                reduce_range=observer.reduce_range, quant_min=observer.quant_min,
+                quant_max=observer.quant_max, eps=float(observer.eps))
 
 
 def _prepare(module: nn.Module, example: tuple, ranges: bool = False) -> nn.Module:
@@ -215,9 +220,7 @@ def _searched_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(obs, HistogramObserver):
             raise RuntimeError(f"{name} is a {type(obs).__name__}, not a histogram observer")
         if id(obs) not in done:
-            check = MinMaxObserver(dtype=obs.dtype, qscheme=obs.qscheme,
-                                   reduce_range=obs.reduce_range, quant_min=obs.quant_min,
-                                   quant_max=obs.quant_max, eps=float(obs.eps))
+            check = MinMaxObserver(**_minmax_args(obs))
             if not torch.isinf(obs.min_val).any():  # else it never saw data: defaults
                 # torch has no public call for the searched range (calculate_qparams returns
                 # only its result); the check below catches a torch whose search differs
