@@ -22,6 +22,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-data", nargs=3, action="append", default=[],
                    metavar=("DATA", "SPLIT", "SHARE"),
                    help="another annotated set giving SHARE (0-1) of the crops (repeatable)")
+    p.add_argument("--tissue-aug", type=float, default=d.tissue_aug, metavar="P",
+                   help="probability that a fluorescence crop gets H&E-like chromatin, "
+                        "cytoplasm and stroma drawn around its nuclei (0: never)")
     p.add_argument("--out", default=d.out, help="run folder (checkpoint, weights, log)")
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -56,6 +59,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
                       max_minutes=args.max_minutes, device=args.device, threads=args.threads,
                       workers=args.workers, train_only=tuple(args.train_only),
+                      tissue_aug=args.tissue_aug,
                       more_data=tuple((data, split, float(share))
                                       for data, split, share in args.add_data))
     changes = parse_settings(args.set, inference_only=False)

@@ -195,6 +195,9 @@ class TrainConfig:
     #: Further annotated sets ``(data folder, split, share)``: each gives that share of the
     #: crops (its images drawn uniformly); ``data``/``split`` give the rest.
     more_data: tuple[tuple[str, str, float], ...] = ()
+    #: Probability that a fluorescence crop is drawn with H&E-like tissue around its nuclei
+    #: (:mod:`cellmask.train.synthetic_tissue`); 0: never.
+    tissue_aug: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)
 
 

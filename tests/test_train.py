@@ -189,3 +189,62 @@ def test_threshold_tuning_refuses_test_splits_and_improves_its_objective(shipped
     tuned = shipped_model.with_config(**best)
     assert objective(evaluate_split(tuned, dataset_dir, "splits/val.txt")) \
         == pytest.approx(value, abs=1e-9)
+
+
+def _disc_labels(size: int = 96) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i, (cy, cx) in enumerate([(24, 24), (24, 64), (66, 44)]):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 8 ** 2] = i + 1
+    return labels
+
+
+def test_synthetic_tissue_draws_cells_around_the_nuclei():
+    from skimage.segmentation import expand_labels
+
+    from cellmask.train.synthetic_tissue import add_tissue
+
+    labels = _disc_labels()
+    signal = np.where(labels > 0, 0.6, 0.0).astype(np.float32)
+    out = add_tissue(signal, labels, np.random.default_rng(0))
+    again = add_tissue(signal, labels, np.random.default_rng(0))
+    assert out.shape == signal.shape and out.dtype == np.float32 and (out >= 0).all()
+    assert np.array_equal(out, again)  # every draw from the generator
+    assert signal.max() == 0.6  # the input is not changed in place
+    nuclei = labels > 0
+    ring = (expand_labels(labels, 3) > 0) & ~nuclei
+    # cytoplasm gains signal but stays below the nuclei, which keep theirs on average
+    ratios = []
+    for seed in range(20):
+        drawn = add_tissue(signal, labels, np.random.default_rng(seed))
+        assert 0.02 < drawn[ring].mean() < drawn[nuclei].mean()
+        assert 0.3 < drawn[nuclei].mean() < 0.75
+        ratios.append(drawn[ring].mean() / drawn[nuclei].mean())
+    assert 0.15 < np.mean(ratios) < 0.6  # H&E: about 0.45 (see the module's docstring)
+    # another seed draws other tissue
+    assert not np.array_equal(out, add_tissue(signal, labels, np.random.default_rng(1)))
+
+
+def test_synthetic_tissue_changes_only_fluorescence_crops(dataset_dir):
+    samples = load_samples(dataset_dir, "splits/train.txt")
+    modalities = {s.name: s.modality for s in samples}
+    assert modalities["histo_0e4c2e2780de"] == "brightfield"
+    assert modalities["fluo_29dd28df98ee"] == "fluorescence"
+    plain = CropSampler(samples, 64, (0.8, 1.25), seed=1)
+    tissue = CropSampler(samples, 64, (0.8, 1.25), seed=1, tissue=1.0)
+    for index, sample in enumerate(samples):
+        only = [sample]
+        a = CropSampler(only, 64, (0.8, 1.25), seed=1).batch(2, 2)
+        b = CropSampler(only, 64, (0.8, 1.25), seed=1, tissue=1.0).batch(2, 2)
+        same_targets = all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], b[1]))
+        assert same_targets  # the annotations are the targets either way
+        same_images = all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+        assert same_images == (sample.modality != "fluorescence"), sample.name
+        assert all(x.shape == (3, 64, 64) and torch.equal(x[0], x[2]) for x in b[0])
+    # with probability 0 the batches are those of a sampler without the option
+    assert all(torch.equal(x, y) for x, y in zip(plain.batch(4, 3)[0],
+                                                 CropSampler(samples, 64, (0.8, 1.25), seed=1,
+                                                             tissue=0.0).batch(4, 3)[0]))
+    assert tissue.batch(4, 3)[0][0].shape == (3, 64, 64)
+    with pytest.raises(Exception, match="probability"):
+        CropSampler(samples, 64, (0.8, 1.25), seed=1, tissue=1.5)

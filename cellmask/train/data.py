@@ -30,6 +30,7 @@ from scipy import ndimage
 from cellmask.appearance import concentrations, estimate
 from cellmask.errors import InputError
 from cellmask.normalize import as_channels_first, sample_pixels
+from cellmask.train.synthetic_tissue import add_tissue
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,14 @@ log = logging.getLogger(__name__)
 class Sample:
     """One annotated image: ``image`` float32 ``(3, H, W)`` as the network sees it, ``labels``
     int32 ``(H, W)``; ``stain``: for brightfield colour images, the second stain's concentration
-    ``(H, W)`` on the scale of the network's channel (None otherwise)."""
+    ``(H, W)`` on the scale of the network's channel (None otherwise); ``modality``: as
+    :mod:`cellmask.appearance` decided it."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
     stain: np.ndarray | None = None
+    modality: str = "fluorescence"
 
 
 def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
@@ -57,7 +60,7 @@ def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
     if app.modality == "brightfield" and chw.shape[0] == 3:
         conc = concentrations(chw, np.asarray(app.stains), np.asarray(app.background))
         stain = conc[1] / max(app.hi[0] - app.lo[0], 1e-6)
-    return Sample(name, app.apply(chw), labels, stain)
+    return Sample(name, app.apply(chw), labels, stain, app.modality)
 
 
 def refuse_test_split(split: str | Path, purpose: str, instead: str) -> None:
@@ -165,16 +168,21 @@ class CropSampler:
     """Draws augmented training batches from in-memory samples.
 
     ``weights``: the probability of drawing each sample (default: uniform), so that several
-    data sets can each have a share of the crops.
+    data sets can each have a share of the crops. ``tissue``: the probability that a
+    fluorescence crop is given H&E-like chromatin, cytoplasm and stroma
+    (:func:`~cellmask.train.synthetic_tissue.add_tissue`).
     """
 
     def __init__(self, samples: list[Sample], crop: int, zoom: tuple[float, float], seed: int,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, tissue: float = 0.0):
         if not samples:
             raise InputError("no training images: check the split list")
+        if not 0.0 <= tissue <= 1.0:
+            raise InputError(f"the synthetic tissue probability must lie in [0, 1], not {tissue}")
         self.samples = samples
         self.crop = crop
         self.seed = seed
+        self.tissue = tissue
         self.augment = build_augment(crop, zoom)
         if weights is not None:
             w = np.asarray(weights, np.float64)
@@ -203,8 +211,11 @@ class CropSampler:
             image = torch.as_tensor(out["image"], dtype=torch.float32)
             if sample.stain is not None:
                 image = (image[:1] + leak * image[1:2]).expand(3, -1, -1)
-            image = image.contiguous()
             labels = np.asarray(out["label"])[0].astype(np.int32)
+            if self.tissue and sample.modality == "fluorescence" and rng.random() < self.tissue:
+                signal = add_tissue(image[0].numpy(), labels, rng)
+                image = torch.from_numpy(signal)[None].expand(3, -1, -1)
+            image = image.contiguous()
             images.append(image)
             targets.append(targets_from_labels(labels))
         return images, targets

@@ -209,7 +209,7 @@ def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
     if samples is None:
         samples, weights = training_samples(cfg, model_cfg.norm_percentiles,
                                             model_cfg.second_stain_weight)
-    sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights)
+    sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights, cfg.tissue_aug)
     meta = {**inherited, "train_config": str(asdict(cfg)), "device": str(device)}
 
     def save(step: int) -> None:
