@@ -103,10 +103,27 @@ class Appearance:
 
 
 def optical_density(chw: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Beer-Lambert optical density ``-log10(I / I0)`` of RGB ``(3, h, w)``, float32 >= 0."""
+    """Beer-Lambert optical density ``-log10(I / I0)`` of RGB ``(3, h, w)``, float32 >= 0.
+
+    8-bit pixels are looked up in a table of the 256 values per channel, made by the same
+    arithmetic, so the numbers are those of the same pixels as float32 (3x faster on the
+    survey's sample of a slide)."""
+    if chw.dtype == np.uint8:
+        table = _od_levels(background, len(chw))
+        return np.stack([np.take(table[c], chw[c]) for c in range(len(chw))])
+    return _od_float(chw, background)
+
+
+def _od_float(chw: np.ndarray, background: np.ndarray) -> np.ndarray:
     i0 = np.maximum(np.asarray(background, np.float32), 1e-6)[:, None, None]
     ratio = (np.maximum(chw.astype(np.float32, copy=False), 0) + 1.0) / (i0 + 1.0)
     return np.maximum(-np.log10(np.minimum(ratio, 1.0)), 0.0)
+
+
+def _od_levels(background: np.ndarray, channels: int = 3) -> np.ndarray:
+    """``(channels, 256)`` float32: the optical density of every 8-bit level per channel."""
+    levels = np.broadcast_to(np.arange(256, dtype=np.float32)[None, :, None], (channels, 256, 1))
+    return _od_float(levels, background)[:, :, 0]
 
 
 def concentrations(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
@@ -136,8 +153,7 @@ def nuclear_signal(chw: np.ndarray, stains: np.ndarray, background: np.ndarray,
     unmix = _unmixing(stains)
     weights = unmix[:, 0] + np.float32(second) * unmix[:, 1] if second else unmix[:, 0]
     if chw.dtype == np.uint8:
-        levels = np.broadcast_to(np.arange(256, dtype=np.float32)[None, :, None], (3, 256, 1))
-        table = weights[:, None] * optical_density(levels, background)[:, :, 0]  # (3, 256)
+        table = weights[:, None] * _od_levels(background)  # (3, 256)
         out = np.take(table[0], chw[0])
         out += np.take(table[1], chw[1])
         out += np.take(table[2], chw[2])
@@ -234,7 +250,8 @@ def estimate(sample: np.ndarray, modality: str = "auto",
     """
     if modality not in MODALITIES:
         raise InputError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
-    sample = np.asarray(sample).reshape(len(sample), -1).astype(np.float32, copy=False)
+    raw = np.asarray(sample).reshape(len(sample), -1)  # 8-bit stays 8-bit: table lookups
+    sample = raw.astype(np.float32, copy=False)
     decided = "given"
     if modality == "auto":
         modality, brightness = decide_modality(sample)
@@ -253,14 +270,15 @@ def estimate(sample: np.ndarray, modality: str = "auto",
         raise InputError(f"brightfield images need 1 (grey) or 3 (RGB) channels, not "
                          f"{sample.shape[1]}")
     background = np.maximum(np.percentile(sample, 99.9, axis=0), 1.0).astype(np.float32)
-    od = optical_density(sample.T[:, :, None], background)[:, :, 0].T  # (N, 3)
+    pixels = raw.T[:, :, None] if raw.dtype == np.uint8 else sample.T[:, :, None]  # (3, N, 1)
+    od = optical_density(pixels, background)[:, :, 0].T  # (N, 3)
     tissue = od[od.sum(axis=1) > TISSUE_OD]
     stains = macenko_stains(tissue)
     method = "macenko"
     if stains is None:
         stains, method = np.asarray(RUIFROK_HED, np.float64), "ruifrok (too little tissue)"
         stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
-    h = nuclear_signal(sample.T[:, :, None], stains, background, second_stain)[0, :, 0]
+    h = nuclear_signal(pixels, stains, background, second_stain)[0, :, 0]
     lo, hi = np.percentile(h, percentiles).astype(np.float32)
     log.info("brightfield stains (%s): hematoxylin %s, second %s; background %s", method,
              np.round(stains[0], 3).tolist(), np.round(stains[1], 3).tolist(),

@@ -62,8 +62,8 @@ def survey_image(src: ImageSource, percentiles, modality: str = "auto",
             parts.append(np.asarray(block).reshape(-1, c))
         sample = np.concatenate(parts) if parts else np.zeros((1, c))
     digest = hashlib.sha256(np.ascontiguousarray(sample).tobytes()).hexdigest()
-    sample = sample.astype(np.float32)
-    if not np.isfinite(sample).all():
+    # integers are finite; 8-bit samples stay 8-bit (the appearance then uses table lookups)
+    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
     return Survey(estimate(sample, modality, percentiles, second_stain), view, step, digest)
@@ -78,7 +78,7 @@ def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):
     if view is None:
         return None
     k = view_step(view.shape[:2])
-    return tissue_mask(view[::k, ::k].astype(np.float32), step * k, appearance)
+    return tissue_mask(view[::k, ::k], step * k, appearance)
 
 
 def corrupt_boxes(names: list[str]) -> list[tuple[int, int, int, int]]:

@@ -138,6 +138,12 @@ def test_8bit_lookup_equals_the_computed_stain_separation():
         assert table.shape == computed.shape == (1, *chw.shape[1:])
         assert np.array_equal(table, computed)
         assert np.all(table[0, :3, :5] == 0) and np.all(table[0, 5, :5] != 0)
+    # optical density and the whole estimate are looked up too, to the same numbers
+    assert np.array_equal(optical_density(chw, background),
+                          optical_density(chw.astype(np.float32), background))
+    sample = sample_pixels(chw)
+    assert sample.dtype == np.uint8
+    assert estimate(sample) == estimate(sample.astype(np.float32)) == look
 
 
 def test_od_of_glass_is_zero():
