@@ -23,10 +23,13 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
+from torchvision.ops import boxes as box_ops
 
 from cellmask.model.network import LeanRPN, NHWCBoxHead, fuse_batchnorm
+from cellmask.model.nms import batched_nms
 from cellmask.model.pool import GridRoIPool
 
 Core = tuple[float, float, float, float]
@@ -66,8 +69,8 @@ def inside_cores(boxes: list[torch.Tensor], scores: list[torch.Tensor],
 
 class CoreRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` for inference, told each image's core: the box branch, the
-    box NMS, then the mask branch only for the detections the tile may own (masks of the
-    others would be thrown away)."""
+    box NMS (neighbours only), then the mask branch only for the detections the tile may own
+    (masks of the others would be thrown away)."""
 
     @classmethod
     def from_trained(cls, heads: RoIHeads, box_roi_pool, box_head, mask_roi_pool, mask_head,
@@ -79,6 +82,32 @@ class CoreRoIHeads(RoIHeads):
                    heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
                    mask_roi_pool=mask_roi_pool, mask_head=mask_head,
                    mask_predictor=mask_predictor).eval()
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's decoding of the box branch (per image: boxes clipped, one detection
+        per foreground class above ``score_thresh``, empty boxes dropped, NMS per class, the
+        best ``detections_per_img``) with the neighbour NMS of :mod:`cellmask.model.nms`
+        (the same detections)."""
+        classes = class_logits.shape[-1]
+        boxes_all = self.box_coder.decode(box_regression, proposals)
+        scores_all = F.softmax(class_logits, -1)
+        counts = [len(p) for p in proposals]
+        out_b, out_s, out_l = [], [], []
+        for boxes, scores, shape in zip(boxes_all.split(counts), scores_all.split(counts),
+                                        image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(classes, device=scores.device).view(1, -1)
+            labels = labels.expand_as(scores)[:, 1:].reshape(-1)
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_img]
+            out_b.append(boxes[keep])
+            out_s.append(scores[keep])
+            out_l.append(labels[keep])
+        return out_b, out_s, out_l
 
     def forward(self, features, proposals, image_shapes, targets=None,
                 cores: list[Core | None] | None = None):

@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from cellmask.config import ModelConfig
+from cellmask.model.nms import batched_nms
 
 
 class _Trunk(nn.Module):
@@ -191,7 +192,8 @@ class LeanRPN(RegionProposalNetwork):
 
     torchvision builds every anchor of every level and decodes all of them (660,000 on a
     1,152 px tile) before choosing the top few thousand per level; here the top anchors are
-    chosen on the objectness logits first, and only their boxes are made and decoded.
+    chosen on the objectness logits first, and only their boxes are made and decoded; their
+    NMS compares each proposal with its neighbours only (:mod:`cellmask.model.nms`).
     """
 
     @classmethod
@@ -237,7 +239,7 @@ class LeanRPN(RegionProposalNetwork):
             box, score, level = box[keep], score[keep], level[keep]
             keep = torch.where(score >= self.score_thresh)[0]
             box, score, level = box[keep], score[keep], level[keep]
-            keep = box_ops.batched_nms(box, score, level, self.nms_thresh)[:post]
+            keep = batched_nms(box, score, level, self.nms_thresh)[:post]  # neighbours only
             boxes_out.append(box[keep])
             scores_out.append(score[keep])
         return boxes_out, {}
