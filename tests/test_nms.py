@@ -53,3 +53,25 @@ def test_small_and_empty_inputs():
     assert len(nms(empty, torch.zeros(0), 0.5)) == 0
     boxes, scores = _boxes(1, 10, 50.0, 20.0, grid=False)
     assert torch.equal(nms(boxes, scores, 0.5), tv_nms(boxes, scores, 0.5))
+
+
+def test_box_decoding_keeps_torchvisions_detections(shipped_model):
+    """The inference heads' box decoding (with the neighbour NMS) returns torchvision's
+    detections exactly, for a dense and a sparse image in one batch."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    heads = shipped_model.runner.roi_heads
+    proposals, counts = [], (4000, 60)
+    for seed, n in enumerate(counts):
+        boxes, _ = _boxes(seed, n, 500.0, 25.0, grid=False)
+        proposals.append(boxes)
+    g = torch.Generator().manual_seed(7)
+    total = sum(counts)
+    logits = torch.randn(total, 2, generator=g) * 3
+    regression = torch.randn(total, 8, generator=g) * 0.1
+    shapes = [(512, 512), (512, 512)]
+    ours = heads.postprocess_detections(logits, regression, proposals, shapes)
+    theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    assert len(ours[0][0]) > SMALL  # the dense image went through the neighbour NMS
+    for a, b in zip(ours, theirs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
