@@ -45,7 +45,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "roi_heads.mask_head roi_heads.mask_predictor); the rest stays frozen")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a numeric field of the model configuration (with --init: "
-                        "one that keeps the weights' shapes, e.g. mask_roi_size=10)")
+                        "one that keeps the weights' shapes, e.g. mask_roi_size=10, or changes "
+                        "only the --train-only parts, e.g. mask_head_layers=64,64)")
     p.set_defaults(func=_run_train)
 
 

@@ -135,6 +135,37 @@ def test_set_parses_typed_model_fields():
         parse_settings(["mask_roi_size=10"])  # architecture: not an inference setting
     with pytest.raises(InputError, match="whole number"):
         parse_settings(["mask_roi_size=10.5"], inference_only=False)
+    assert parse_settings(["mask_head_layers=64,64"], inference_only=False) == {
+        "mask_head_layers": (64, 64)}
+    with pytest.raises(InputError, match="comma-separated"):
+        parse_settings(["mask_head_layers=64,x"], inference_only=False)
+    with pytest.raises(InputError, match="numeric model setting"):
+        parse_settings(["mask_head_layers=64"])  # architecture
+
+
+def test_a_smaller_trainable_head_starts_from_what_fits(dataset_dir, tiny_config, tmp_path):
+    """Fine-tuning the mask head with fewer layers keeps the trained layers that still fit,
+    drops the others, and leaves everything outside the trained parts as it was; a change
+    outside them is still refused."""
+    from cellmask.errors import WeightsError
+
+    common = dict(data=str(dataset_dir), split="splits/train.txt", batch_size=1, crop=64,
+                  warmup=1, threads=1, device="cpu", lr=1e-2)
+    layers = (16, 16)
+    first = train(TrainConfig(out=str(tmp_path / "a"), iterations=1, **common),
+                  tiny_config.replace(mask_head_layers=layers), progress=False)
+    heads = ("roi_heads.mask_head", "roi_heads.mask_predictor")
+    second = train(TrainConfig(out=str(tmp_path / "b"), iterations=1, train_only=heads,
+                               **common), init=str(first),
+                   changes={"mask_head_layers": layers[:1]}, progress=False)
+    a, _, _ = load_weights(first)
+    b, cfg, _ = load_weights(second)
+    assert cfg.mask_head_layers == layers[:1]
+    assert not any(k.startswith("roi_heads.mask_head.1.") for k in b)
+    assert all(torch.equal(a[k], b[k]) for k in b if not k.startswith(heads))
+    with pytest.raises(WeightsError, match="box_head"):
+        train(TrainConfig(out=str(tmp_path / "c"), iterations=1, train_only=heads, **common),
+              init=str(first), changes={"box_head_width": 8}, progress=False)
 
 
 def test_training_restores_the_process_torch_settings(dataset_dir, tiny_config, tmp_path):

@@ -16,19 +16,30 @@ from cellmask.train.tune import tune_thresholds
 log = logging.getLogger(__name__)
 
 
-def parse_settings(items: list[str], inference_only: bool = True) -> dict[str, int | float]:
-    """``["key=value", ...]`` -> numeric :class:`ModelConfig` settings, typed as the fields are.
+def parse_settings(items: list[str], inference_only: bool = True
+                   ) -> dict[str, int | float | tuple[int, ...]]:
+    """``["key=value", ...]`` -> numeric :class:`ModelConfig` settings, typed as the fields are;
+    a field that is a list of whole numbers (``mask_head_layers``) takes them comma-separated.
 
     ``inference_only``: accept only the settings that change inference, not the architecture.
     """
-    types = {f.name: f.type for f in dataclasses.fields(ModelConfig) if f.type in ("int", "float")}
-    allowed = set(INFERENCE_SETTINGS) if inference_only else set(types)
-    settings: dict[str, int | float] = {}
+    fields = dataclasses.fields(ModelConfig)
+    types = {f.name: f.type for f in fields if f.type in ("int", "float")}
+    lists = {f.name for f in fields if f.type == "tuple[int, ...]"}
+    allowed = set(INFERENCE_SETTINGS) if inference_only else set(types) | lists
+    settings: dict[str, int | float | tuple[int, ...]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
             raise InputError(f"--set takes KEY=VALUE with KEY a numeric model setting "
                              f"({', '.join(sorted(allowed))}), got {item!r}")
+        if key in lists:
+            try:
+                settings[key] = tuple(int(v) for v in value.split(","))
+            except ValueError:
+                raise InputError(f"--set {key}: {value!r} is not a comma-separated list of "
+                                 "whole numbers") from None
+            continue
         try:
             number = float(value)
         except ValueError:

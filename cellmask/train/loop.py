@@ -83,6 +83,25 @@ def freeze_except(net: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch
     return trainable
 
 
+def _reshaped_parts_fresh(fresh: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                          prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``state`` (fine-tuning weights) fitted to a network whose trainable parts (``prefixes``)
+    changed shape, e.g. a mask head of fewer layers: there the tensors the new network lacks
+    are dropped and those it adds or re-shapes keep their fresh initialisation from
+    ``fresh``; everything else must match as before."""
+    trained = tuple(prefixes)
+    out = {k: v for k, v in state.items() if not (k.startswith(trained) and k not in fresh)}
+    fresh_start = [k for k, v in fresh.items() if k.startswith(trained) and
+                   (k not in out or tuple(out[k].shape) != tuple(v.shape))]
+    for k in fresh_start:
+        out[k] = fresh[k]
+    unused = sum(k not in out or k in fresh_start for k in state)
+    if unused or fresh_start:
+        log.info("fine-tuning a changed %s: %d tensors start fresh, %d of the initial weights "
+                 "unused", "/".join(prefixes), len(fresh_start), unused)
+    return out
+
+
 def training_samples(cfg: TrainConfig, percentiles: tuple[float, float],
                      second_stain: float = 0.0) -> tuple[list, list[float] | None]:
     """The samples of ``cfg.data``/``cfg.split`` and of every ``cfg.more_data`` set, and each
@@ -197,6 +216,8 @@ def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
 
     net = build_network(model_cfg)
     if state is not None:
+        if init and not start and cfg.train_only:
+            state = _reshaped_parts_fresh(net.state_dict(), state, cfg.train_only)
         check_state(net.state_dict(), state, str(checkpoint if start else init))
         net.load_state_dict(state)
     net.to(device)
