@@ -70,8 +70,13 @@ def test_box_decoding_keeps_torchvisions_detections(shipped_model):
     logits = torch.randn(total, 2, generator=g) * 3
     regression = torch.randn(total, 8, generator=g) * 0.1
     shapes = [(512, 512), (512, 512)]
-    ours = heads.postprocess_detections(logits, regression, proposals, shapes)
-    theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    budget = heads.detections_per_img  # set per run from the image size; fixed here
+    heads.detections_per_img = 4000
+    try:
+        ours = heads.postprocess_detections(logits, regression, proposals, shapes)
+        theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    finally:
+        heads.detections_per_img = budget
     assert len(ours[0][0]) > SMALL  # the dense image went through the neighbour NMS
     for a, b in zip(ours, theirs):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
