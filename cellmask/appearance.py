@@ -270,7 +270,7 @@ def estimate(sample: np.ndarray, modality: str = "auto",
         raise InputError(f"brightfield images need 1 (grey) or 3 (RGB) channels, not "
                          f"{sample.shape[1]}")
     background = np.maximum(np.percentile(sample, 99.9, axis=0), 1.0).astype(np.float32)
-    pixels = raw.T[:, :, None] if raw.dtype == np.uint8 else sample.T[:, :, None]  # (3, N, 1)
+    pixels = raw.T[:, :, None]  # (3, N, 1); both functions below cast other dtypes to float32
     od = optical_density(pixels, background)[:, :, 0].T  # (N, 3)
     tissue = od[od.sum(axis=1) > TISSUE_OD]
     stains = macenko_stains(tissue)
