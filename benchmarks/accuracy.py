@@ -1,6 +1,7 @@
 """Evaluation tables of a model on the annotated test splits (pooled over objects).
 
-    python benchmarks/accuracy.py [--model nuclei] [--precision fp32] [--sets dsb:test.txt ...]
+    python benchmarks/accuracy.py [--model nuclei] [--precision fp32] [--augment 8]
+                                  [--sets dsb:test.txt ...]
 
 Sets are ``NAME:SPLIT`` with NAME one of ``dsb`` (DSB2018, CC0) and ``monuseg`` (MoNuSeg 2018
 H&E, CC BY-NC-SA 4.0) in the project's data folder. Reported: AP (TP / (TP + FP + FN)) and F1
@@ -30,10 +31,14 @@ def main() -> None:
     p.add_argument("--model", default="nuclei")
     p.add_argument("--precision", default="auto", help="auto, fp32, mixed, bf16 or fp16")
     p.add_argument("--modality", default="auto", help="auto, fluorescence or brightfield")
+    p.add_argument("--augment", type=int, default=1, metavar="VIEWS",
+                   help="views per tile whose detections are fused (1, 2, 4 or 8)")
     p.add_argument("--sets", nargs="+", default=DEFAULT_SETS, metavar="NAME:SPLIT")
     args = p.parse_args()
     model = cellmask.load_model(args.model, device="cpu", precision=args.precision)
-    print(f"# model {args.model}, precision {model.precision}, modality {args.modality}")
+    model = model.with_config(test_views=args.augment)
+    print(f"# model {args.model}, precision {model.precision}, modality {args.modality}, "
+          f"views {args.augment}")
     print(f"# {describe()}")
     for item in args.sets:
         name, _, split = item.partition(":")

@@ -43,6 +43,8 @@ class SegmentWidget(Container):
                                      max=2000.0)
         self.cell_expansion = FloatSpinBox(label="cells: grow nuclei by (um, 0 = nuclei only)",
                                            value=0.0, min=0.0, max=100.0, step=0.5)
+        self.views = ComboBox(label="views per tile (more: finer outlines, slower)",
+                              choices=[1, 2, 4, 8], value=1)
         self.tile = SpinBox(label="tile", value=1024, min=128, max=8192, step=128)
         self.halo = SpinBox(label="halo (px, -1 = from the model)", value=-1, min=-1,
                             max=1024, step=16)
@@ -54,7 +56,7 @@ class SegmentWidget(Container):
         self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
         self.status = Label(value="")
         self.extend([self.image, self.model_name, self.weights, self.modality, self.diameter,
-                     self.pixel_size, self.cell_expansion, self.tile,
+                     self.pixel_size, self.cell_expansion, self.views, self.tile,
                      self.halo, self.device, self.output, self.run_button, self.cancel_button,
                      self.progress, self.status])
         self.run_button.changed.connect(self.run)
@@ -103,6 +105,8 @@ class SegmentWidget(Container):
             out = str(Path(tmp.name) / "labels.ome.zarr")
             self._temporary[str(Path(out) / "labels" / "cellmask")] = tmp
         model = self._model()
+        if self.views.value != model.config.test_views:  # shares the loaded weights
+            model = model.with_config(test_views=self.views.value)
         kwargs = dict(model=model, tile=self.tile.value,
                       halo=self.halo.value if self.halo.value >= 0 else None,
                       axes="YXS" if layer.rgb else "YX", modality=self.modality.value)

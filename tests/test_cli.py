@@ -94,3 +94,17 @@ def test_export_refuses_a_test_split(tmp_path, dataset_dir):
     r = run("export", "nuclei", "--data", str(dataset_dir), "--split", "splits/test.txt",
             "--out", str(tmp_path / "w.safetensors"))
     assert r.returncode == 2 and "test split" in r.stderr
+
+
+def test_segment_with_augment_fuses_eight_views_and_records_them(tmp_path, shipped_model):
+    image, _ = load_sample()
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    r = run("segment", str(src), "--out", str(tmp_path / "a.ome.zarr"), "--augment",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    labels = read_ome_zarr_labels(tmp_path / "a.ome.zarr")
+    assert np.array_equal(labels, shipped_model.with_config(test_views=8).segment(image))
+    # a run without the views is another computation: it does not resume this folder
+    other = run("segment", str(src), "--out", str(tmp_path / "a.ome.zarr"), "--device", "cpu")
+    assert other.returncode == 2 and "test_views: 8 -> 1" in other.stderr

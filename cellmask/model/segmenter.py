@@ -13,7 +13,8 @@ import torch
 
 from cellmask.config import ModelConfig
 from cellmask.device import pick_device
-from cellmask.model.network import (build_network, set_inference_thresholds)
+from cellmask.model import flips
+from cellmask.model.network import build_network, set_inference_thresholds
 from cellmask.model.paint import Instances, paint
 from cellmask.model.registry import is_non_commercial, resolve
 from cellmask.model.weights import check_state, load_weights
@@ -65,6 +66,7 @@ class Model:
         self.config = config
         self.name = name
         self.meta = dict(meta or {})
+        flips.views(config.test_views)  # refuses a count other than 1, 2, 4 or 8
         set_inference_thresholds(self.runner, config)
         self._digest: str | None = None
         self._context: int | None = None
@@ -119,7 +121,9 @@ class Model:
     def detect_batch(self, images: list[np.ndarray],
                      cores: list[tuple[float, float, float, float] | None] | None = None
                      ) -> list[Instances]:
-        """Instances of each normalised float32 ``(3, h, w)`` image, one network pass for all.
+        """Instances of each normalised float32 ``(3, h, w)`` image, one network pass for all
+        (one per view with ``config.test_views`` > 1, the views' detections fused:
+        :mod:`cellmask.model.flips`).
 
         With ``precision`` "mixed", "bf16" or "fp16" (parts of) the network run in half
         precision; boxes, scores and masks come back as float32 either way. ``cores``: per
@@ -127,8 +131,28 @@ class Model:
         discarded by the caller (a tile's halo): their masks are not computed (detections
         within 1 px of it are kept, so that the caller's own test decides).
         """
+        views = flips.views(self.config.test_views)
+        if len(views) == 1:
+            return self._detect_once(images, cores)
+        cores = cores if cores is not None else [None] * len(images)
+        shapes = [im.shape[1:] for im in images]
+        thresh = self.config.fused_score_thresh
+        per_view = self.config.replace(score_thresh=thresh)
+        found: list[list[Instances]] = [[] for _ in images]
+        for view in views:  # one view at a time: the memory of a single pass
+            seen = self._detect_once(
+                [flips.view_image(im, view) for im in images],
+                [flips.view_core(c, view, s, flips.CORE_MARGIN) for c, s in zip(cores, shapes)],
+                per_view)
+            for k, (inst, shape) in enumerate(zip(seen, shapes)):
+                found[k].append(flips.unview(inst, view, shape))
+        return [flips.fuse(parts, flips.FUSE_IOU, thresh) for parts in found]
+
+    def _detect_once(self, images: list[np.ndarray],
+                     cores: list[tuple[float, float, float, float] | None] | None,
+                     config: ModelConfig | None = None) -> list[Instances]:
         pixels = max(im.shape[-2] * im.shape[-1] for im in images) if images else 0
-        set_inference_thresholds(self.runner, self.config, pixels)
+        set_inference_thresholds(self.runner, config or self.config, pixels)
         pin = self.device.type == "cuda"
         inputs = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         inputs = [(t.pin_memory() if pin else t).to(self.device, non_blocking=pin)

@@ -253,3 +253,20 @@ def test_cells_grown_in_the_widget_are_shown_under_the_nuclei(segment_widget, qt
     names = [layer.name for layer in viewer.layers]
     assert names.index("sample cellmask") > names.index("sample cells")  # nuclei on top
     assert viewer.layers.selection.active.name == "sample cellmask"
+
+
+def test_eight_views_in_the_widget_reach_the_run(segment_widget, qtbot, monkeypatch):
+    from cellmask import pipeline
+
+    seen = []
+    real_run = pipeline.run
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: seen.append(k["model"]) or
+                        real_run(*a, **k))
+    viewer, widget = segment_widget
+    image, truth = load_sample()
+    widget.image.value = viewer.add_image(image, name="sample")
+    widget.views.value = 8
+    widget.run()
+    qtbot.waitUntil(lambda: widget.last_result_layer is not None, timeout=120_000)
+    assert seen[0].config.test_views == 8
+    assert ap50(truth, np.asarray(viewer.layers["sample cellmask"].data)) >= 0.8
