@@ -43,12 +43,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="nuclei")
     p.add_argument("--out", default="docs/cmu1_overlay.png")
+    p.add_argument("--augment", type=int, default=1, metavar="VIEWS",
+                   help="views per tile whose detections are fused (1, 2, 4 or 8)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import imageio.v3 as iio
     import tifffile
 
-    model = cellmask.load_model(args.model, device="cpu")
+    model = cellmask.load_model(args.model, device="cpu").with_config(test_views=args.augment)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = cellmask.segment_zarr(SVS, Path(tmp) / "cmu1.ome.zarr", model=model,
@@ -57,7 +59,8 @@ def main() -> None:
         labels = np.asarray(result.labels)
     image = tifffile.imread(SVS)
     print(f"{result.objects} nuclei in {seconds:.1f} s ({image.shape[0] * image.shape[1] / 1e6:.1f}"
-          f" Mpx, model {args.model}, precision {model.precision}); {describe()}")
+          f" Mpx, model {args.model}, precision {model.precision}, views {args.augment}); "
+          f"{describe()}")
     thumb_step = 6
     thumb = image[::thumb_step, ::thumb_step].copy()
     panels = []
