@@ -194,9 +194,10 @@ def _check_writable(root: Path) -> None:
 def run_record(model, appearance: Appearance, scale: float, src: ImageSource,
                corrupt: list[str], level: int = 0) -> dict:
     """What a run decided, stored in the labels' attributes: the model, the modality and its
-    stain vectors, the scale used, the pyramid level the network read and the input's pixel
-    size."""
+    stain vectors, the scale used, the pyramid level the network read, the views fused per
+    tile and the input's pixel size."""
     record = {"model": model.name or "?", "model_digest": model.weights_digest,
+              "test_views": model.config.test_views,
               "modality": appearance.modality, "appearance": appearance.to_dict(),
               "scale": scale, "input_pixel_size_um": list(src.pixel_size_um or []) or None,
               "model_pixel_size_um": model.pixel_size, "pyramid_level": level}

@@ -105,6 +105,11 @@ def test_segment_with_augment_fuses_eight_views_and_records_them(tmp_path, shipp
     assert r.returncode == 0, r.stderr
     labels = read_ome_zarr_labels(tmp_path / "a.ome.zarr")
     assert np.array_equal(labels, shipped_model.with_config(test_views=8).segment(image))
+    import zarr
+
+    record = zarr.open_group(str(tmp_path / "a.ome.zarr" / "labels" / "cellmask"),
+                             mode="r").attrs["cellmask"]
+    assert record["test_views"] == 8
     # a run without the views is another computation: it does not resume this folder
     other = run("segment", str(src), "--out", str(tmp_path / "a.ome.zarr"), "--device", "cpu")
     assert other.returncode == 2 and "test_views: 8 -> 1" in other.stderr
