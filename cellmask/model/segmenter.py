@@ -151,6 +151,8 @@ class Model:
     def _detect_once(self, images: list[np.ndarray],
                      cores: list[tuple[float, float, float, float] | None] | None,
                      config: ModelConfig | None = None) -> list[Instances]:
+        """One network pass over ``images`` with the thresholds of ``config`` (default: the
+        model's own)."""
         pixels = max(im.shape[-2] * im.shape[-1] for im in images) if images else 0
         set_inference_thresholds(self.runner, config or self.config, pixels)
         pin = self.device.type == "cuda"
