@@ -10,8 +10,14 @@ the hematoxylin concentration, which stains nuclei, is the network's input, plus
 the second stain where the model asks for it (``ModelConfig.second_stain_weight``, 0 in the
 shipped models: pale nuclei of single-dye stains carry part of their density along the second
 direction, but on H&E the second stain is eosin, the cytoplasm). Grey brightfield is
-inverted. Every number used is recorded in :class:`Appearance`, which the run stores in its
-output metadata and its fingerprint.
+inverted. A model may cap how bright a brightfield image looks as a whole
+(``ModelConfig.brightfield_level``): where the 75th percentile of the normalised nuclear
+signal in the slide's tissue region (:mod:`cellmask.tissue`, glass excluded) exceeds the
+level the model's brightfield training images sit at (tissue packed with nuclei and stained
+cytoplasm, as H&E slides are), the range is widened until it does not, so that such a slide
+reaches the network at the brightness the model learned brightfield at.
+Every number used is recorded in :class:`Appearance`, which the run stores in its output
+metadata and its fingerprint.
 
 Frames: a pixel sample is ``(N, C)``; an image or tile is channels-first ``(C, h, w)`` raw;
 :meth:`Appearance.apply` returns float32 ``(3, h, w)`` for the network.
@@ -20,7 +26,7 @@ Frames: a pixel sample is ``(N, C)``; an image or tile is channels-first ``(C, h
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -42,6 +48,10 @@ RUIFROK_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 BRIGHT_BACKGROUND = {1: 0.5, 3: 0.25}
 #: Optical density above which a pixel counts as tissue for the stain estimate.
 TISSUE_OD = 0.15
+#: The percentile of the normalised brightfield signal that ``brightfield_level`` caps, and the
+#: largest factor by which the range may be widened for it.
+LEVEL_PERCENTILE = 75.0
+MAX_WIDENING = 1 / 0.3
 
 
 @dataclass(frozen=True)
@@ -246,7 +256,9 @@ def estimate(sample: np.ndarray, modality: str = "auto",
 
     ``modality``: "auto" decides from the sample (and logs the decision), or "fluorescence" /
     "brightfield". ``second_stain``: the fraction of the second stain added to hematoxylin in
-    RGB brightfield (the model's ``second_stain_weight``). The sample must be finite.
+    RGB brightfield (the model's ``second_stain_weight``). The sample must be finite (the
+    model's ``brightfield_level`` is applied afterwards, on the tissue:
+    :func:`cellmask.survey.cap_brightness`).
     """
     if modality not in MODALITIES:
         raise InputError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
@@ -262,8 +274,7 @@ def estimate(sample: np.ndarray, modality: str = "auto",
         lo, hi = np.percentile(sample, percentiles, axis=0).astype(np.float32)
         return Appearance("fluorescence", _floats(lo), _floats(hi), decided=decided)
     if sample.shape[1] == 1:
-        signal = -sample[:, 0]
-        lo, hi = np.percentile(signal, percentiles).astype(np.float32)
+        lo, hi = np.percentile(-sample[:, 0], percentiles).astype(np.float32)
         return Appearance("brightfield", (float(lo),), (float(hi),), decided=decided,
                           stain_method="inverted grey")
     if sample.shape[1] != 3:
@@ -272,8 +283,7 @@ def estimate(sample: np.ndarray, modality: str = "auto",
     background = np.maximum(np.percentile(sample, 99.9, axis=0), 1.0).astype(np.float32)
     pixels = raw.T[:, :, None]  # (3, N, 1); both functions below cast other dtypes to float32
     od = optical_density(pixels, background)[:, :, 0].T  # (N, 3)
-    tissue = od[od.sum(axis=1) > TISSUE_OD]
-    stains = macenko_stains(tissue)
+    stains = macenko_stains(od[od.sum(axis=1) > TISSUE_OD])
     method = "macenko"
     if stains is None:
         stains, method = np.asarray(RUIFROK_HED, np.float64), "ruifrok (too little tissue)"
@@ -286,6 +296,28 @@ def estimate(sample: np.ndarray, modality: str = "auto",
     return Appearance("brightfield", (float(lo),), (float(hi),),
                       tuple(tuple(float(x) for x in row) for row in stains),
                       _floats(background), decided, method, float(second_stain))
+
+
+def input_level(appearance: Appearance, pixels: np.ndarray) -> float:
+    """The :data:`LEVEL_PERCENTILE` of the network input that ``appearance`` makes of raw
+    ``pixels`` ``(N, C)``: what ``brightfield_level`` caps (:func:`cellmask.survey.cap_brightness`
+    takes the pixels of the tissue)."""
+    chw = np.asarray(pixels).reshape(len(pixels), -1).T[:, :, None]
+    return float(np.percentile(appearance.apply(chw)[0], LEVEL_PERCENTILE))
+
+
+def widened_to(appearance: Appearance, seen: float, level: float) -> Appearance:
+    """``appearance`` with the upper end of its range raised so that an input level ``seen``
+    (:func:`input_level`) becomes ``level``, by a factor of at most :data:`MAX_WIDENING` on
+    the range; unchanged where ``seen`` is at most ``level``."""
+    if level <= 0 or seen <= level:
+        return appearance
+    widen = min(seen / level, MAX_WIDENING)
+    lo, hi = appearance.lo[0], appearance.hi[0]
+    new_hi = float(np.float32(lo + max(hi - lo, 1e-6) * widen))
+    log.info("brightfield tissue at %.3f of its range (75th percentile), above the model's "
+             "%.3f: range widened %.2fx", seen, level, widen)
+    return replace(appearance, hi=(new_hi,))
 
 
 def _floats(values) -> tuple[float, ...]:

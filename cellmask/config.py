@@ -79,6 +79,11 @@ class ModelConfig:
     #: RGB brightfield input: hematoxylin + this fraction of the second stain (0: hematoxylin
     #: alone). Pale nuclei of single-dye stains lie partly along the second direction.
     second_stain_weight: float = 0.0
+    #: Brightfield: the highest value the 75th percentile of the normalised nuclear signal may
+    #: take; a brighter image has its range widened to it (:mod:`cellmask.appearance`). Set to
+    #: where the model's brightfield training images sit (``scripts/brightfield_level.py``);
+    #: 0: no cap.
+    brightfield_level: float = 0.0
     #: Views of each tile the network sees, whose detections are fused
     #: (:mod:`cellmask.model.flips`): 1 (the tile only), 2, 4 (with its mirror images) or 8
     #: (also transposed). Costs as many network passes; 8 is the ``--augment`` of the CLI.
@@ -119,7 +124,7 @@ INFERENCE_SETTINGS = ("rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_i
                       "proposals_per_mpx", "rpn_pre_nms_ratio", "rpn_score_thresh",
                       "rpn_nms_thresh", "score_thresh",
                       "nms_thresh", "mask_thresh", "min_visible_fraction", "min_area",
-                      "second_stain_weight", "test_views",
+                      "second_stain_weight", "brightfield_level", "test_views",
                       "fused_score_thresh")
 
 
@@ -134,7 +139,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "rpn_score_thresh": (0, 1), "rpn_nms_thresh": (0, 1), "score_thresh": (0, 1),
     "nms_thresh": (0, 1), "mask_thresh": (0, 1), "min_visible_fraction": (0, 1),
     "norm_percentiles": (0, 100), "rpn_pre_nms_ratio": (1, 100),
-    "second_stain_weight": (0, 2), "test_views": (1, 8), "fused_score_thresh": (0, 1),
+    "second_stain_weight": (0, 2), "brightfield_level": (0, 1), "test_views": (1, 8), "fused_score_thresh": (0, 1),
 }
 
 

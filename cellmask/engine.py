@@ -269,7 +269,8 @@ def open_array(model, image: np.ndarray, *, scale: float | None = None,
     src = open_image(np.moveaxis(chw, 0, -1))
     scale = resolve_scale(model, scale, diameter, pixel_size)
     appearance = survey_image(src, model.config.norm_percentiles, modality,
-                              second_stain=model.config.second_stain_weight).appearance
+                              second_stain=model.config.second_stain_weight,
+                              level=model.config.brightfield_level).appearance
     tile = max(32, int(tile))
     if halo is None:
         from cellmask.model.context import auto_halo

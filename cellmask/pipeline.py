@@ -347,7 +347,8 @@ class _Stages:
         mc = self.model.config
         self.look = survey_image(self.src, mc.norm_percentiles, cfg.modality,
                                  skip_corrupt=cfg.skip_corrupt,
-                                 second_stain=mc.second_stain_weight)
+                                 second_stain=mc.second_stain_weight,
+                                 level=mc.brightfield_level)
         self.appearance = self.look.appearance
         tt = time.perf_counter()
         if cfg.tissue_mask and self.src.array.shape[2] == 3 \

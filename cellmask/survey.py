@@ -15,6 +15,7 @@ from cellmask.engine import chunk_name, chunks_in
 from cellmask.errors import InputError
 from cellmask.normalize import sample_step
 from cellmask.sources import ImageSource, sync_scheduler, threaded_scheduler
+from cellmask.tissue import view_step
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,12 @@ class Survey:
 
 def survey_image(src: ImageSource, percentiles, modality: str = "auto",
                  max_samples: int = 4_000_000, skip_corrupt: bool = False,
-                 second_stain: float = 0.0) -> Survey:
+                 second_stain: float = 0.0, level: float = 0.0) -> Survey:
     """Modality, stains and intensity range of the whole image, from a regular strided sample
     (the same sample ``Model.segment`` takes of an in-memory image, so both map alike), with
     the sample itself (a brightfield slide's tissue is found on it, without reading the slide
-    again) and its digest. ``percentiles`` and ``second_stain``: the model's
-    ``norm_percentiles`` and ``second_stain_weight``.
+    again) and its digest. ``percentiles``, ``second_stain`` and ``level``: the model's
+    ``norm_percentiles``, ``second_stain_weight`` and ``brightfield_level``.
     """
     h, w = src.shape
     c = src.array.shape[2]
@@ -66,14 +67,48 @@ def survey_image(src: ImageSource, percentiles, modality: str = "auto",
     if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
-    return Survey(estimate(sample, modality, percentiles, second_stain), view, step, digest)
+    look = cap_brightness(estimate(sample, modality, percentiles, second_stain), view, step,
+                          level)
+    return Survey(look, view, step, digest)
+
+
+def cap_brightness(look: Appearance, view: np.ndarray | None, step: int,
+                   level: float) -> Appearance:
+    """``look`` with the model's ``brightfield_level`` applied
+    (:func:`cellmask.appearance.widened_to`) to the level of its tissue
+    (:func:`tissue_level`). Fluorescence, level 0 or no view: ``look`` as it is."""
+    from cellmask.appearance import widened_to
+
+    if level <= 0 or look.modality != "brightfield" or view is None:
+        return look
+    return widened_to(look, tissue_level(look, view, step), level)
+
+
+def tissue_level(look: Appearance, view: np.ndarray, step: int) -> float:
+    """The input level (:func:`cellmask.appearance.input_level`) of the tissue region of a
+    brightfield image's strided view ``(h, w, C)`` (every ``step``-th level-0 pixel): RGB,
+    inside the slide's tissue mask (glass excluded); grey, every pixel."""
+    from cellmask.appearance import input_level
+
+    pixels = view.reshape(-1, view.shape[-1])
+    if view.shape[-1] == 3:
+        tissue = find_tissue(view, step, look)
+        k = view_step(view.shape[:2])
+        inside = view[::k, ::k][tissue.mask]
+        if len(inside) >= MIN_LEVEL_PIXELS:
+            pixels = inside
+    return input_level(look, pixels)
+
+
+#: Fewer tissue pixels than this in the view: the brightness level is read on every pixel.
+MIN_LEVEL_PIXELS = 1000
 
 
 def find_tissue(view: np.ndarray | None, step: int, appearance: Appearance):
     """The :class:`~cellmask.tissue.TissueMask` of an RGB slide from the low-resolution view
     the appearance was estimated on (coarsened to :data:`~cellmask.tissue.VIEW_SIDE`); None
     without a view (every tile is then segmented)."""
-    from cellmask.tissue import tissue_mask, view_step
+    from cellmask.tissue import tissue_mask
 
     if view is None:
         return None

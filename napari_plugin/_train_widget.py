@@ -78,7 +78,9 @@ class TrainWidget(Container):
                           crop=crop, lr=float(self.lr.value), warmup=min(20, self.iterations.value),
                           checkpoint_minutes=1e9)
         # the same modality and stain mapping as the Segment widget's runs
-        samples = [prepare_sample(image.name, img, lab, model_cfg.norm_percentiles)]
+        samples = [prepare_sample(image.name, img, lab, model_cfg.norm_percentiles,
+                                  second_stain=model_cfg.second_stain_weight,
+                                  level=model_cfg.brightfield_level)]
         steps = train_steps(cfg, model_cfg, init=init, samples=samples)
 
         @thread_worker

@@ -264,3 +264,77 @@ def test_tissue_tiles_skipped_same_labels_and_resumable(tmp_path, shipped_model)
     with pytest.raises(FileExistsError):
         cellmask.segment_zarr(src, tmp_path / "a.ome.zarr", tissue_mask=False, **kw)
 
+
+
+def _view(image):
+    from cellmask.normalize import sample_step
+
+    chw = as_channels_first(image)
+    step = sample_step(chw.shape[1:])
+    return np.moveaxis(chw[:, ::step, ::step], 0, -1), step
+
+
+def test_brightfield_level_caps_how_bright_the_tissue_looks():
+    """A brightfield image whose tissue maps above the model's level has its range widened
+    until it maps to the level (lo and stains unchanged); a dimmer one, and fluorescence, are
+    left as they are; the widening is bounded."""
+    from cellmask.appearance import MAX_WIDENING
+    from cellmask.survey import cap_brightness, tissue_level
+
+    view, step = _view(load_fixture("histo_0e4c2e2780de")[0])
+    plain = estimate(view.reshape(-1, 3))
+    seen = tissue_level(plain, view, step)
+    assert seen > 0.2
+    capped = cap_brightness(plain, view, step, seen / 2)
+    assert capped.lo == plain.lo and capped.stains == plain.stains
+    assert capped.hi[0] - capped.lo[0] == pytest.approx(2 * (plain.hi[0] - plain.lo[0]), rel=1e-5)
+    assert tissue_level(capped, view, step) == pytest.approx(seen / 2, rel=1e-3)
+    assert cap_brightness(plain, view, step, seen * 1.5) == plain  # below the level
+    assert cap_brightness(plain, view, step, 0.0) == plain  # no level
+    bounded = cap_brightness(plain, view, step, seen / 100)
+    assert bounded.hi[0] - bounded.lo[0] == pytest.approx(
+        MAX_WIDENING * (plain.hi[0] - plain.lo[0]), rel=1e-5)
+    fluo, fstep = _view(load_fixture("fluo_29dd28df98ee")[0])
+    look = estimate(fluo.reshape(-1, 1))
+    assert cap_brightness(look, fluo, fstep, 0.01) == look
+
+
+def test_brightfield_level_is_read_on_tissue_not_glass():
+    """The same tissue on a slide that is mostly glass reads at (nearly) the level of the
+    tissue alone, so whole slides and tissue crops are capped alike."""
+    from cellmask.survey import tissue_level
+
+    tissue, _ = load_fixture("histo_0e4c2e2780de")
+    slide, width = _synthetic_slide(1536, 0.6)
+    crop_view, crop_step = _view(np.tile(tissue, (3, 3, 1)))
+    slide_view, slide_step = _view(slide)
+    crop_level = tissue_level(estimate(crop_view.reshape(-1, 3)), crop_view, crop_step)
+    slide_look = estimate(slide_view.reshape(-1, 3))
+    everything = np.percentile(slide_look.apply(
+        np.moveaxis(slide_view, -1, 0).astype(np.float32))[0], 75)
+    assert everything < 0.5 * crop_level  # glass would have hidden the tissue's brightness
+    assert tissue_level(slide_look, slide_view, slide_step) == pytest.approx(crop_level,
+                                                                             rel=0.25)
+
+
+def test_model_brightfield_level_reaches_runs_and_training(tmp_path, shipped_model):
+    """The model's ``brightfield_level`` is what whole-image runs, ``Model.segment`` and the
+    training samples map brightfield with."""
+    from cellmask.config import ModelConfig
+    from cellmask.survey import tissue_level
+    from cellmask.train.data import prepare_sample
+
+    image, labels = load_fixture("histo_0e4c2e2780de")
+    model = shipped_model.with_config(brightfield_level=0.1)
+    result = cellmask.segment_zarr(image, tmp_path / "o.ome.zarr", model=model,
+                                   progress=False, measure=False)
+    record = Appearance.from_dict(
+        zarr.open_group(str(result.path), mode="r").attrs["cellmask"]["appearance"])
+    view, step = _view(image)
+    assert tissue_level(record, view, step) == pytest.approx(0.1, rel=1e-3)
+    assert np.array_equal(np.asarray(result.labels), model.segment(image))
+    trained = prepare_sample("h", image, labels, level=0.1)
+    assert np.allclose(trained.image, record.apply(as_channels_first(image)), atol=1e-6)
+    assert ModelConfig.from_json(model.config.to_json()).brightfield_level == 0.1
+    with pytest.raises(ValueError, match="brightfield_level"):
+        ModelConfig.from_dict({"brightfield_level": 2.0})

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from cellmask.appearance import concentrations, estimate
 from cellmask.errors import InputError
-from cellmask.normalize import as_channels_first, sample_pixels
+from cellmask.normalize import as_channels_first
 from cellmask.train.synthetic_tissue import add_tissue
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,19 @@ class Sample:
 
 def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
                    percentiles: tuple[float, float] = (1.0, 99.8),
-                   modality: str = "auto", second_stain: float = 0.0) -> Sample:
+                   modality: str = "auto", second_stain: float = 0.0,
+                   level: float = 0.0) -> Sample:
     """A :class:`Sample` of one raw image, through the same appearance mapping as inference
-    (``second_stain``: the model's ``second_stain_weight``)."""
+    (``second_stain`` and ``level``: the model's ``second_stain_weight`` and
+    ``brightfield_level``)."""
+    from cellmask.normalize import sample_step
+    from cellmask.survey import cap_brightness
+
     chw = as_channels_first(image)
-    app = estimate(sample_pixels(chw), modality, percentiles, second_stain)
+    step = sample_step(chw.shape[1:])
+    view = np.moveaxis(chw[:, ::step, ::step], 0, -1)  # the strided view runs estimate on
+    app = cap_brightness(estimate(view.reshape(-1, len(chw)), modality, percentiles,
+                                  second_stain), view, step, level)
     stain = None
     if app.modality == "brightfield" and chw.shape[0] == 3:
         conc = concentrations(chw, np.asarray(app.stains), np.asarray(app.background))
@@ -82,7 +90,8 @@ def read_split(data_dir: str | Path, split: str | Path) -> list[str]:
 
 def load_samples(data_dir: str | Path, split: str | Path,
                  percentiles: tuple[float, float] = (1.0, 99.8),
-                 modality: str = "auto", second_stain: float = 0.0) -> list[Sample]:
+                 modality: str = "auto", second_stain: float = 0.0,
+                 level: float = 0.0) -> list[Sample]:
     """Read every image of a split into memory, as the network sees it."""
     data_dir = Path(data_dir)
     samples = []
@@ -92,7 +101,7 @@ def load_samples(data_dir: str | Path, split: str | Path,
         if image.shape[:2] != labels.shape:
             raise InputError(f"{name}: image {image.shape} and mask {labels.shape} differ in size")
         samples.append(prepare_sample(name, image, labels, percentiles, modality,
-                                      second_stain))
+                                      second_stain, level))
     log.info("loaded %d images from %s", len(samples), split)
     return samples
 

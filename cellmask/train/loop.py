@@ -103,13 +103,15 @@ def _reshaped_parts_fresh(fresh: dict[str, torch.Tensor], state: dict[str, torch
 
 
 def training_samples(cfg: TrainConfig, percentiles: tuple[float, float],
-                     second_stain: float = 0.0) -> tuple[list, list[float] | None]:
+                     second_stain: float = 0.0, level: float = 0.0
+                     ) -> tuple[list, list[float] | None]:
     """The samples of ``cfg.data``/``cfg.split`` and of every ``cfg.more_data`` set, and each
-    sample's drawing weight (None: uniform, when there is one set); ``percentiles`` and
-    ``second_stain`` as the model's configuration has them."""
+    sample's drawing weight (None: uniform, when there is one set); ``percentiles``,
+    ``second_stain`` and ``level`` as the model's configuration has them."""
     for split in [cfg.split] + [more[1] for more in cfg.more_data]:
         refuse_test_split(split, "train", "a training split")
-    samples = load_samples(cfg.data, cfg.split, percentiles, second_stain=second_stain)
+    samples = load_samples(cfg.data, cfg.split, percentiles, second_stain=second_stain,
+                           level=level)
     if not cfg.more_data:
         return samples, None
     rest = 1.0 - sum(float(share) for _, _, share in cfg.more_data)
@@ -118,7 +120,7 @@ def training_samples(cfg: TrainConfig, percentiles: tuple[float, float],
                          "than 1 (the main set has the rest)")
     weights = [rest / len(samples)] * len(samples)
     for data, split, share in cfg.more_data:
-        more = load_samples(data, split, percentiles, second_stain=second_stain)
+        more = load_samples(data, split, percentiles, second_stain=second_stain, level=level)
         samples += more
         weights += [float(share) / len(more)] * len(more)
     return samples, weights
@@ -229,7 +231,8 @@ def _train_steps(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *,
     weights = None
     if samples is None:
         samples, weights = training_samples(cfg, model_cfg.norm_percentiles,
-                                            model_cfg.second_stain_weight)
+                                            model_cfg.second_stain_weight,
+                                            model_cfg.brightfield_level)
     sampler = CropSampler(samples, cfg.crop, cfg.zoom, cfg.seed, weights, cfg.tissue_aug)
     meta = {**inherited, "train_config": str(asdict(cfg)), "device": str(device)}
 
