@@ -94,6 +94,16 @@ def test_fused_outline_is_the_mean_of_the_members_on_the_fused_box():
     assert np.allclose(same.numpy(), left.masks)
 
 
+def test_eight_views_of_degenerate_images(shipped_model):
+    model = shipped_model.with_config(test_views=8)
+    for shape in ((1, 1), (1, 40), (37, 1)):
+        labels = model.segment(np.zeros(shape, np.uint8))
+        assert labels.shape == shape and labels.max() == 0
+    image, _ = load_sample()
+    thin = model.segment(image[:37, :300])
+    assert thin.shape == (37, 300) and thin.max() > 5
+
+
 def test_view_counts_other_than_1_2_4_8_are_refused(shipped_model):
     assert len(flips.views(8)) == 8 and flips.views(1) == ((False, False, False),)
     with pytest.raises(InputError, match="1, 2, 4 or 8"):

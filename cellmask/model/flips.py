@@ -46,11 +46,15 @@ Core = tuple[float, float, float, float]
 
 
 def view_image(image: np.ndarray, view: View) -> np.ndarray:
-    """``image`` ``(C, H, W)`` as the network sees it in ``view`` (a contiguous copy)."""
+    """``image`` ``(C, H, W)`` as the network sees it in ``view``: a C-ordered copy with
+    positive strides (``np.ascontiguousarray`` keeps the negative strides of a flipped axis of
+    length 1, which torch refuses), or ``image`` itself for the identity."""
     flip_y, flip_x, transpose = view
+    if not any(view):
+        return image
     out = image[:, ::-1] if flip_y else image
     out = out[:, :, ::-1] if flip_x else out
-    return np.ascontiguousarray(out.transpose(0, 2, 1) if transpose else out)
+    return (out.transpose(0, 2, 1) if transpose else out).copy(order="C")
 
 
 def view_core(core: Core | None, view: View, shape: tuple[int, int],
@@ -84,7 +88,7 @@ def unview(inst: Instances, view: View, shape: tuple[int, int]) -> Instances:
     if view[0]:
         boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
         masks = masks[:, ::-1, :]
-    return Instances(boxes, inst.scores, np.ascontiguousarray(masks))
+    return Instances(boxes, inst.scores, masks.copy(order="C"))
 
 
 def _pair_iou(b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
