@@ -105,10 +105,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    choices=["auto", "fp32", "mixed", "bf16", "fp16", "int8"],
                    help="network arithmetic (default auto: mixed where the hardware has native "
                         "half precision, else int8 on CPUs for calibrated weights, else fp32)")
-    p.add_argument("--augment", nargs="?", type=int, const=8, default=None, metavar="VIEWS",
-                   help="test-time augmentation: the network sees each tile in VIEWS views "
-                        "(2, 4 or 8, default 8: mirrored and transposed) and their detections "
-                        "are fused; more accurate, VIEWS times the network time")
+    _add_augment(p)
     p.add_argument("--scheduler", help="address of a dask.distributed scheduler")
     p.add_argument("--axes", help="axes of the input, e.g. CYX (default: from metadata)")
     p.add_argument("--channel", type=int, help="channel to segment")
@@ -175,6 +172,13 @@ def _settings(args: argparse.Namespace) -> dict:
                 if args.measurements else None)
 
 
+def _add_augment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--augment", nargs="?", type=int, const=8, default=None, metavar="VIEWS",
+                   help="test-time augmentation: the network sees each tile in VIEWS views "
+                        "(2, 4 or 8, default 8: mirrored and transposed) and their detections "
+                        "are fused; more accurate, VIEWS times the network time")
+
+
 def _load(args: argparse.Namespace):
     """The model of a segment or evaluate command, with its precision and views."""
     from cellmask.model.segmenter import load_model
@@ -233,10 +237,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default=None,
                    choices=["auto", "fp32", "mixed", "bf16", "fp16", "int8"])
-    p.add_argument("--augment", nargs="?", type=int, const=8, default=None, metavar="VIEWS",
-                   help="test-time augmentation: the network sees each tile in VIEWS views "
-                        "(2, 4 or 8, default 8: mirrored and transposed) and their detections "
-                        "are fused; more accurate, VIEWS times the network time")
+    _add_augment(p)
     p.add_argument("--csv", help="also write the table here")
     p.set_defaults(func=_run_evaluate)
 

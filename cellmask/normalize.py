@@ -63,13 +63,18 @@ def sample_step(shape: tuple[int, int], max_samples: int = 4_000_000) -> int:
     return max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
 
 
+def sample_view(chw: np.ndarray, max_samples: int = 4_000_000) -> tuple[np.ndarray, int]:
+    """The regular strided sample of an in-memory ``(C, H, W)`` image as a low-resolution
+    ``(h, w, C)`` view, and its stride: at most ``max_samples`` pixels per channel (the same
+    grid whole-slide runs take, so both estimate alike)."""
+    step = sample_step(chw.shape[1:], max_samples)
+    return np.moveaxis(chw[:, ::step, ::step], 0, -1), step
+
+
 def sample_pixels(chw: np.ndarray, max_samples: int = 4_000_000) -> np.ndarray:
-    """A regular strided sample ``(N, C)`` of an in-memory ``(C, H, W)`` image: at most
-    ``max_samples`` pixels per channel (the same grid whole-slide runs take, so both estimate
-    alike)."""
-    c, h, w = chw.shape
-    step = sample_step((h, w), max_samples)
-    return chw[:, ::step, ::step].reshape(c, -1).T
+    """:func:`sample_view` as pixels ``(N, C)``."""
+    view, _ = sample_view(chw, max_samples)
+    return view.reshape(-1, chw.shape[0])
 
 
 def apply_range(chw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -353,7 +353,8 @@ class _Stages:
         tt = time.perf_counter()
         if cfg.tissue_mask and self.src.array.shape[2] == 3 \
                 and self.appearance.modality == "brightfield":
-            self.tissue = find_tissue(self.look.view, self.look.step, self.appearance)
+            self.tissue = self.look.tissue if self.look.tissue is not None else \
+                find_tissue(self.look.view, self.look.step, self.appearance)
         self.timings["tissue"] = time.perf_counter() - tt
 
     # --- plan

@@ -15,19 +15,22 @@ from cellmask.engine import chunk_name, chunks_in
 from cellmask.errors import InputError
 from cellmask.normalize import sample_step
 from cellmask.sources import ImageSource, sync_scheduler, threaded_scheduler
-from cellmask.tissue import view_step
+from cellmask.tissue import TissueMask, view_step
 
 
 @dataclass(frozen=True)
 class Survey:
     """What one look at the whole image gives: ``appearance``; ``view``, the sample as a
     low-resolution ``(h, w, C)`` image (every ``step``-th pixel; None when corrupt chunks were
-    read around); ``digest``, SHA-256 of the sample's pixels."""
+    read around); ``digest``, SHA-256 of the sample's pixels; ``tissue``, the tissue mask of an
+    RGB brightfield view where the brightness cap read its level in it (None otherwise; it
+    depends on the glass brightness only, which the cap leaves as it is)."""
 
     appearance: Appearance
     view: np.ndarray | None
     step: int
     digest: str
+    tissue: TissueMask | None = None
 
 
 def survey_image(src: ImageSource, percentiles, modality: str = "auto",
@@ -67,32 +70,36 @@ def survey_image(src: ImageSource, percentiles, modality: str = "auto",
     if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise InputError("the image has NaN or infinite pixels: replace them (e.g. with 0) "
                          "before segmenting")
-    look = cap_brightness(estimate(sample, modality, percentiles, second_stain), view, step,
-                          level)
-    return Survey(look, view, step, digest)
+    look, tissue = cap_brightness(estimate(sample, modality, percentiles, second_stain), view,
+                                  step, level)
+    return Survey(look, view, step, digest, tissue)
 
 
 def cap_brightness(look: Appearance, view: np.ndarray | None, step: int,
-                   level: float) -> Appearance:
+                   level: float) -> tuple[Appearance, TissueMask | None]:
     """``look`` with the model's ``brightfield_level`` applied
     (:func:`cellmask.appearance.widened_to`) to the level of its tissue
-    (:func:`tissue_level`). Fluorescence, level 0 or no view: ``look`` as it is."""
+    (:func:`tissue_level`), and the RGB tissue mask the level was read in (None where none
+    was). Fluorescence, level 0 or no view: ``look`` as it is."""
     from cellmask.appearance import widened_to
 
     if level <= 0 or look.modality != "brightfield" or view is None:
-        return look
-    return widened_to(look, tissue_level(look, view, step), level)
+        return look, None
+    tissue = find_tissue(view, step, look) if view.shape[-1] == 3 else None
+    return widened_to(look, tissue_level(look, view, step, tissue), level), tissue
 
 
-def tissue_level(look: Appearance, view: np.ndarray, step: int) -> float:
+def tissue_level(look: Appearance, view: np.ndarray, step: int,
+                 tissue: TissueMask | None = None) -> float:
     """The input level (:func:`cellmask.appearance.input_level`) of the tissue region of a
     brightfield image's strided view ``(h, w, C)`` (every ``step``-th level-0 pixel): RGB,
-    inside the slide's tissue mask (glass excluded); grey, every pixel."""
+    inside the slide's tissue mask (``tissue``, found here when not given; glass excluded);
+    grey, every pixel."""
     from cellmask.appearance import input_level
 
     pixels = view.reshape(-1, view.shape[-1])
     if view.shape[-1] == 3:
-        tissue = find_tissue(view, step, look)
+        tissue = tissue if tissue is not None else find_tissue(view, step, look)
         k = view_step(view.shape[:2])
         inside = view[::k, ::k][tissue.mask]
         if len(inside) >= MIN_LEVEL_PIXELS:

@@ -5,8 +5,8 @@
 
 For every brightfield image of the split (decided as a run decides it), the 75th percentile of
 the network input the appearance mapping makes of its tissue region (without any cap, on the
-strided view a run estimates from); printed: their median, which is the level to export the model with (``cellmask export ... --set
-brightfield_level=VALUE``), and their spread.
+strided view a run estimates from); printed: their median, which is the level to export the
+model with (``cellmask export ... --set brightfield_level=VALUE``), and their spread.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellmask.appearance import estimate  # noqa: E402
 from cellmask.evaluate import iter_split  # noqa: E402
-from cellmask.normalize import as_channels_first, sample_step  # noqa: E402
+from cellmask.normalize import as_channels_first, sample_view  # noqa: E402
 from cellmask.survey import tissue_level  # noqa: E402
 from cellmask.train.data import refuse_test_split  # noqa: E402
 
@@ -32,10 +32,9 @@ def training_levels(data: str, split: str, percentiles=(1.0, 99.8),
     refuse_test_split(split, "measure a training level", "the model's training split")
     levels = []
     for _, image, _ in iter_split(data, split):
-        chw = as_channels_first(image)
-        step = sample_step(chw.shape[1:])
-        view = np.moveaxis(chw[:, ::step, ::step], 0, -1)
-        look = estimate(view.reshape(-1, len(chw)), "auto", tuple(percentiles), second_stain)
+        view, step = sample_view(as_channels_first(image))
+        look = estimate(view.reshape(-1, view.shape[-1]), "auto", tuple(percentiles),
+                        second_stain)
         if look.modality == "brightfield":
             levels.append(tissue_level(look, view, step))
     return np.asarray(levels)

@@ -267,11 +267,9 @@ def test_tissue_tiles_skipped_same_labels_and_resumable(tmp_path, shipped_model)
 
 
 def _view(image):
-    from cellmask.normalize import sample_step
+    from cellmask.normalize import sample_view
 
-    chw = as_channels_first(image)
-    step = sample_step(chw.shape[1:])
-    return np.moveaxis(chw[:, ::step, ::step], 0, -1), step
+    return sample_view(as_channels_first(image))
 
 
 def test_brightfield_level_caps_how_bright_the_tissue_looks():
@@ -285,18 +283,23 @@ def test_brightfield_level_caps_how_bright_the_tissue_looks():
     plain = estimate(view.reshape(-1, 3))
     seen = tissue_level(plain, view, step)
     assert seen > 0.2
-    capped = cap_brightness(plain, view, step, seen / 2)
+    capped, tissue = cap_brightness(plain, view, step, seen / 2)
     assert capped.lo == plain.lo and capped.stains == plain.stains
+    from cellmask.survey import find_tissue
+
+    # the mask the level was read in is the run's tissue mask, before or after the cap
+    assert tissue.mask.any() and np.array_equal(tissue.mask,
+                                                find_tissue(view, step, capped).mask)
     assert capped.hi[0] - capped.lo[0] == pytest.approx(2 * (plain.hi[0] - plain.lo[0]), rel=1e-5)
     assert tissue_level(capped, view, step) == pytest.approx(seen / 2, rel=1e-3)
-    assert cap_brightness(plain, view, step, seen * 1.5) == plain  # below the level
-    assert cap_brightness(plain, view, step, 0.0) == plain  # no level
-    bounded = cap_brightness(plain, view, step, seen / 100)
+    assert cap_brightness(plain, view, step, seen * 1.5)[0] == plain  # below the level
+    assert cap_brightness(plain, view, step, 0.0) == (plain, None)  # no level
+    bounded, _ = cap_brightness(plain, view, step, seen / 100)
     assert bounded.hi[0] - bounded.lo[0] == pytest.approx(
         MAX_WIDENING * (plain.hi[0] - plain.lo[0]), rel=1e-5)
     fluo, fstep = _view(load_fixture("fluo_29dd28df98ee")[0])
     look = estimate(fluo.reshape(-1, 1))
-    assert cap_brightness(look, fluo, fstep, 0.01) == look
+    assert cap_brightness(look, fluo, fstep, 0.01) == (look, None)
 
 
 def test_brightfield_level_is_read_on_tissue_not_glass():

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from cellmask.appearance import concentrations, estimate
 from cellmask.errors import InputError
-from cellmask.normalize import as_channels_first
+from cellmask.normalize import as_channels_first, sample_view
 from cellmask.train.synthetic_tissue import add_tissue
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,12 @@ def prepare_sample(name: str, image: np.ndarray, labels: np.ndarray,
     """A :class:`Sample` of one raw image, through the same appearance mapping as inference
     (``second_stain`` and ``level``: the model's ``second_stain_weight`` and
     ``brightfield_level``)."""
-    from cellmask.normalize import sample_step
     from cellmask.survey import cap_brightness
 
     chw = as_channels_first(image)
-    step = sample_step(chw.shape[1:])
-    view = np.moveaxis(chw[:, ::step, ::step], 0, -1)  # the strided view runs estimate on
-    app = cap_brightness(estimate(view.reshape(-1, len(chw)), modality, percentiles,
-                                  second_stain), view, step, level)
+    view, step = sample_view(chw)  # the strided view runs estimate on
+    app, _ = cap_brightness(estimate(view.reshape(-1, len(chw)), modality, percentiles,
+                                     second_stain), view, step, level)
     stain = None
     if app.modality == "brightfield" and chw.shape[0] == 3:
         conc = concentrations(chw, np.asarray(app.stains), np.asarray(app.background))
